@@ -1,0 +1,161 @@
+"""Build a run from its config and carry it out: the one entry point run.py, tests and tools call.
+
+``generate(cfg, run_dir)`` trains (resuming if run_dir holds a checkpoint), then writes the renders and
+metrics, and finally the ``DONE`` marker — last, so nothing reads a half-written run as finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from fourdfy.config import FieldConfig, HashGridConfig, RunConfig
+from fourdfy.export.video import render_orbit, render_views_by_time, write_grid, write_video
+from fourdfy.fields.background import BackgroundMLP
+from fourdfy.fields.field4d import Field4D
+from fourdfy.fields.hashgrid import HashGridEncoding
+from fourdfy.fields.hexplane import TimePlaneEncoding, TriPlaneEncoding
+from fourdfy.guidance.base import Guidance
+from fourdfy.hybrid import HybridSchedule
+from fourdfy.render.volume import Renderer, RendererConfig
+from fourdfy.tracking import make_logger
+from fourdfy.trainer import Callback, Trainer
+
+DONE_FILE = "DONE"
+# Config keys that may change between a run and its resume (they do not change the optimisation).
+_RESUME_SAFE_KEYS = ("logger", "eval", "trainer.progress_bar", "trainer.log_every", "device")
+
+
+def _hash_grid(cfg: HashGridConfig, n_dims: int) -> HashGridEncoding:
+    return HashGridEncoding(n_dims, cfg.n_levels, cfg.n_features_per_level, cfg.log2_hashmap_size,
+                            cfg.base_resolution, cfg.per_level_scale, backend=cfg.backend)
+
+
+def build_field(cfg: FieldConfig) -> tuple[Field4D, BackgroundMLP]:
+    """The 4D field of ``cfg.kind`` and its background. Encodings are built in this one place."""
+    encodings: dict[str, Callable[[], tuple[nn.Module, nn.Module]]] = {
+        "hashgrid": lambda: (_hash_grid(cfg.static_grid, 3), _hash_grid(cfg.dynamic_grid, 4)),
+        "hexplane": lambda: (TriPlaneEncoding(cfg.hexplane), TimePlaneEncoding(cfg.hexplane)),
+    }
+    if cfg.kind not in encodings:
+        raise ValueError(f"field.kind must be one of {sorted(encodings)}, got {cfg.kind!r}")
+    static, dynamic = encodings[cfg.kind]()
+    return Field4D(static, dynamic, cfg.heads, box_radius=cfg.box_radius), BackgroundMLP(cfg.background)
+
+
+def build_guidances(cfg: RunConfig) -> dict[str, Guidance]:
+    """The priors the schedule will call, keyed by update kind."""
+    if cfg.guidance.backend == "synthetic":
+        from fourdfy.synthetic.priors import build_synthetic_priors
+
+        return build_synthetic_priors(cfg.guidance.synthetic, cfg.prompt, seed=cfg.seed)
+    if cfg.guidance.backend == "real":
+        from fourdfy.guidance.real import build_real_guidances
+
+        return build_real_guidances(cfg)
+    raise ValueError(f"guidance.backend must be 'synthetic' or 'real', got {cfg.guidance.backend!r}")
+
+
+def config_fingerprint(cfg: RunConfig) -> str:
+    """Hash of everything that shapes the optimisation: a resume under a different one is refused."""
+    data = asdict(cfg)
+    for key in _RESUME_SAFE_KEYS:
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node.pop(leaf, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
+    """Save the resolved config; refuse a directory that holds a run of an incompatible config."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stamp = run_dir / "fingerprint.json"
+    fingerprint = config_fingerprint(cfg)
+    if stamp.exists():
+        old = json.loads(stamp.read_text())["fingerprint"]
+        if old != fingerprint:
+            raise ValueError(
+                f"{run_dir} holds a run of a different config (fingerprint {old} != {fingerprint}); "
+                "refusing to resume it. Use a new output directory, or restore the original settings."
+            )
+    else:
+        _write_json_atomic(stamp, {"fingerprint": fingerprint})
+    tmp = run_dir / f".config.yaml.tmp-{os.getpid()}"
+    OmegaConf.save(OmegaConf.structured(cfg), tmp)
+    os.replace(tmp, run_dir / "config.yaml")
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (Path(run_dir) / DONE_FILE).exists()
+
+
+def generate(cfg: RunConfig, run_dir: Path, callbacks: list[Callback] | None = None) -> dict[str, float]:
+    """Train ``cfg`` in ``run_dir`` (resuming when possible) and write renders, metrics and DONE."""
+    run_dir = Path(run_dir)
+    if is_finished(run_dir):
+        print(f"[fourdfy] {run_dir} is already finished (DONE exists); nothing to do.")
+        return json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
+    cfg.schedule.validate()
+    cfg.trainer.validate()
+    cfg.cameras.validate()
+    prepare_run_dir(cfg, run_dir)
+    torch.manual_seed(cfg.seed)
+    field, background = build_field(cfg.field)
+    guidances = build_guidances(cfg)
+    schedule = HybridSchedule(cfg.schedule)
+    logger = make_logger(cfg.logger, run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)),
+                         name=f"{cfg.variant.name}/{cfg.prompt}", job_type=cfg.variant.name)
+    trainer = Trainer(
+        cfg.trainer, field, background, Renderer(cfg.renderer), guidances, schedule, cfg.cameras, cfg.prompt,
+        run_dir, seed=cfg.seed, random_background_prob=cfg.field.background.random_color_prob, logger=logger,
+        callbacks=callbacks,
+    )
+    if trainer.try_resume():
+        print(f"[fourdfy] resumed {run_dir} at iteration {trainer.iteration}")
+    trainer.train()
+    metrics = write_outputs(cfg, field, run_dir, logger, step=trainer.iteration)
+    metrics["skipped_steps"] = trainer.skipped_steps
+    _write_json_atomic(run_dir / "metrics.json", metrics)
+    logger.finish()
+    (run_dir / DONE_FILE).write_text("finished\n")
+    return metrics
+
+
+def write_outputs(cfg: RunConfig, field: nn.Module, run_dir: Path, logger, step: int) -> dict[str, float]:
+    """Orbit video, views×time grid and (toy world) ground-truth metrics."""
+    renders = run_dir / "renders"
+    ev = cfg.eval
+    renderer = Renderer(RendererConfig(n_samples=ev.n_samples, radius=cfg.renderer.radius))
+    white = torch.ones(3)
+    field.eval()
+    orbit = write_video(render_orbit(field, renderer, ev.video_frames, ev.video_size, white), renders / "orbit.mp4",
+                        fps=ev.fps)
+    grid = write_grid(render_views_by_time(field, renderer, ev.grid_views, ev.grid_times, ev.video_size, white),
+                      renders / "grid.png")
+    logger.log_video("renders/orbit", orbit, step)
+    logger.log_image("renders/grid", grid, step)
+    metrics: dict[str, float] = {}
+    if cfg.guidance.backend == "synthetic":
+        from fourdfy.synthetic.evaluate import ground_truth_metrics
+
+        metrics.update(ground_truth_metrics(field, cfg.prompt, ev.times, ev.orbit_views, ev.size, ev.n_samples,
+                                            radius=cfg.guidance.synthetic.data.render_radius))
+        logger.log({f"eval/{k}": v for k, v in metrics.items()}, step)
+    return metrics

@@ -1,0 +1,323 @@
+"""3D-aware SDS with MVDream (`sd-v2.1-base-4view`): the "3D" update of hybrid SDS (paper Eq. 3).
+
+Follows the authors' guidance (threestudio-mvdream `multiview_diffusion_guidance.py`, configured by
+4D-fy's configs/fourdfy_stage_*.yaml `guidance_multi_view`), where it differs from the paper's wording:
+- loss: the code's default is MVDream's x̂0-reconstruction loss with CFG std rescale 0.5 (`recon_loss`),
+  0.5·‖z − sg(x̂0)‖²/B; without rescale this equals SDS with w(t) = √((1−ᾱ)/ᾱ). The paper's Eq. 3 (plain SDS,
+  w(t) = 1 − ᾱ) is `recon_loss=False`, which crashes in the reference (it reads an attribute never set)
+  and works here.
+- one timestep per call, shared by all views; its range anneals over stage 1 (min 0.98→0.02, max
+  0.98→0.50 over 8000 steps) and stays at [0.02, 0.50] afterwards.
+
+Per call: B = k·4 renders (views of k objects, consecutive) -> bilinear resize to 256² -> VAE latents
+(with gradient, posterior sample × 0.18215) [B, 4, 32, 32] -> noise at one t -> multi-view UNet on
+[cond, uncond] with the camera -> CFG 50 (negative prompt) -> loss on the latents.
+
+Weights: the UNet from MVDream's checkpoint through `fourdfy.models.mvdream_unet`. The VAE and text encoder
+are Stable Diffusion 2.1-base's: MVDream trains only the UNet, so its `first_stage_model.*` (SD VAE) and
+`cond_stage_model.*` (OpenCLIP ViT-H-14, penultimate layer = SD 2.1's 23-layer CLIPTextModel) are those
+networks; any diffusers-layout folder with vae/, text_encoder/, tokenizer/ works, e.g. the port
+`ashawkey/mvdream-sd2.1-diffusers`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from fourdfy.guidance.base import GuidanceOut, sds_loss
+from fourdfy.guidance.memory import Placement, encode_latents, resolve_dtype
+from fourdfy.guidance.noise import scaled_linear_alphas_cumprod
+from fourdfy.guidance.text import PromptEncoder, ViewPromptConfig, view_direction
+from fourdfy.guidance.weights import (
+    MVDREAM_FILE,
+    MVDREAM_REPO,
+    SD21_BASE,
+    load_text_encoder,
+    load_vae,
+    locate_pretrained,
+    resolve_checkpoint_file,
+)
+from fourdfy.models.mvdream_unet import MultiViewUNet, load_mvdream_unet
+from fourdfy.render.cameras import Cameras, mvdream_camera
+
+# 4D-fy configs/fourdfy_stage_*.yaml, system.prompt_processor_multi_view.negative_prompt (verbatim).
+MVDREAM_NEGATIVE_PROMPT = (
+    "ugly, bad anatomy, blurry, pixelated obscure, unnatural colors, poor lighting, dull, and unclear, "
+    "cropped, lowres, low quality, artifacts, duplicate, morbid, mutilated, poorly drawn face, deformed, "
+    "dehydrated, bad proportions"
+)
+
+
+@dataclass
+class Ramp:
+    """A scalar schedule: start_value until start_step, linear to end_value at end_step, then constant.
+
+    threestudio's `[start_step, start_value, end_value, end_step]` lists (utils/misc.py `C`).
+    """
+
+    start_step: int
+    start_value: float
+    end_value: float
+    end_step: int
+
+    def __post_init__(self) -> None:
+        if self.end_step <= self.start_step:
+            raise ValueError(
+                f"Ramp needs end_step > start_step, got start_step={self.start_step}, end_step={self.end_step}"
+            )
+
+    def __call__(self, step: int) -> float:
+        frac = min(max((step - self.start_step) / (self.end_step - self.start_step), 0.0), 1.0)
+        return self.start_value + (self.end_value - self.start_value) * frac
+
+
+@dataclass
+class MVDreamConfig:
+    """MVDream 3D-aware SDS (REFERENCE.md §Guidance "3D"); defaults are the authors' stage-1 settings."""
+
+    # Hub repo id or local path (the .pt/.safetensors file or a folder holding `checkpoint_file`).
+    # guidance_multi_view.ckpt_path (null = MVDream's model_zoo download from MVDream/MVDream).
+    checkpoint: str = MVDREAM_REPO
+    # File inside the hub repo / folder: model_name "sd-v2.1-base-4view" -> sd-v2.1-base-4view.pt.
+    checkpoint_file: str = MVDREAM_FILE
+    # Diffusers-layout model providing vae/, text_encoder/, tokenizer/ (SD 2.1-base; see module docstring).
+    components_model: str = SD21_BASE
+    # MultiViewUNet arguments; None = the official sd-v2.1-base-4view config (mvdream/configs/sd-v2-base.yaml).
+    unet_config: dict[str, Any] | None = None
+    # Allow arbitrary pickled objects when reading a .pt checkpoint (only for files you trust).
+    trust_pickle: bool = False
+    # Views per object: MultiviewDiffusionGuidance.Config.n_view = 4.
+    n_views: int = 4
+    # Side the renders are resized to before the VAE: Config.image_size = 256 (latent 32x32).
+    image_size: int = 256
+    # Render sizes accepted: data.multi_view.width/height [64, 256] (64² before step 5000 of stage 1).
+    render_sizes: tuple[int, ...] = (64, 256)
+    # CFG scale, ε_u + s(ε_c − ε_u): guidance_multi_view.guidance_scale = 50.
+    guidance_scale: float = 50.0
+    # Unconditional prompt: prompt_processor_multi_view.negative_prompt.
+    negative_prompt: str = MVDREAM_NEGATIVE_PROMPT
+    # MultiviewDiffusionGuidance.Config.view_dependent_prompting = False (MVDream sees the camera instead).
+    view_dependent_prompting: bool = False
+    # Thresholds if view-dependent prompting is on: prompt_processor_multi_view.front/back_threshold = 30.
+    view_prompts: ViewPromptConfig = field(default_factory=lambda: ViewPromptConfig(30.0, 30.0))
+    # t_min / 1000 over training steps: guidance_multi_view.min_step_percent [0, 0.98, 0.02, 8000].
+    min_step_percent: Ramp = field(default_factory=lambda: Ramp(0, 0.98, 0.02, 8000))
+    # t_max / 1000: guidance_multi_view.max_step_percent [0, 0.98, 0.50, 8000].
+    max_step_percent: Ramp = field(default_factory=lambda: Ramp(0, 0.98, 0.50, 8000))
+    # x̂0-reconstruction loss (guidance_multi_view.recon_loss = true); False = plain SDS, w = 1 − ᾱ (paper Eq. 3).
+    recon_loss: bool = True
+    # Blend of the std-rescaled x̂0 (guidance_multi_view.recon_std_rescale = 0.5); 0 disables the rescale.
+    recon_std_rescale: float = 0.5
+    # Latents = VAE posterior sample (authors' get_first_stage_encoding); False = posterior mean.
+    sample_posterior: bool = True
+    # Loss multiplier: system.loss.lambda_sds = 1.
+    loss_weight: float = 1.0
+    # Keep the UNet on the CPU between calls (memory option; the VAE stays on the device).
+    offload: bool = False
+    # Recompute VAE-encoder activations in backward (memory option).
+    vae_gradient_checkpointing: bool = False
+
+
+@dataclass
+class MVDreamModels:
+    """The loaded networks of the 3D prior."""
+
+    unet: MultiViewUNet
+    vae: AutoencoderKL
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+
+
+def _step_index(percent: float, num_timesteps: int) -> int:
+    # The authors' int(num_timesteps * percent), with slack so 0.92·1000 = 919.99… gives 920, not 919.
+    return int(math.floor(num_timesteps * percent + 1e-6))
+
+
+class MVDreamGuidance:
+    """The 3D prior: implements `fourdfy.guidance.base.Guidance` for MVDream.
+
+    Random draws (posterior noise, t, ε, in that order per call) come from `self.generator` (CPU), whose
+    state is in `state_dict()` so a resumed run draws the same numbers.
+    """
+
+    is_video = False
+
+    def __init__(
+        self,
+        cfg: MVDreamConfig,
+        models: MVDreamModels,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+        seed: int = 0,
+    ) -> None:
+        if cfg.n_views < 1:
+            raise ValueError(f"MVDreamConfig.n_views must be >= 1, got {cfg.n_views}")
+        if not 0.0 <= cfg.recon_std_rescale <= 1.0:
+            raise ValueError(f"MVDreamConfig.recon_std_rescale must be in [0, 1], got {cfg.recon_std_rescale}")
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(self.device, dtype)
+        self.placement = Placement(self.device, cfg.offload)
+        self.unet = self.placement.home(models.unet.to(self.dtype).eval().requires_grad_(False))
+        # The VAE is in the autograd graph that the caller back-propagates after __call__: never offloaded.
+        self.vae = models.vae.to(self.device, self.dtype).eval().requires_grad_(False)
+        if cfg.vae_gradient_checkpointing:
+            self.vae.enable_gradient_checkpointing()
+        self.text = PromptEncoder(models.tokenizer, models.text_encoder, self.placement, self.dtype)
+        # MVDream's own schedule (ldm register_schedule, linear_start 0.00085, linear_end 0.012, 1000 steps).
+        self.alphas_cumprod = scaled_linear_alphas_cumprod()
+        self.num_timesteps = self.alphas_cumprod.shape[0]
+        self.n_views = cfg.n_views
+        self.native_size = (cfg.image_size, cfg.image_size)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: MVDreamConfig,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+        seed: int = 0,
+        config_key: str = "guidance.mvdream",
+    ) -> MVDreamGuidance:
+        """Load the weights named by `cfg` (hub ids or local paths; see weights.py) and build the prior."""
+        weights_dtype = resolve_dtype(device, dtype)
+        # Resolve both sources before loading anything, so a missing model fails at once.
+        ckpt = resolve_checkpoint_file(cfg.checkpoint, cfg.checkpoint_file, f"{config_key}.checkpoint")
+        key = f"{config_key}.components_model"
+        loc = locate_pretrained(cfg.components_model, key, ("vae", "text_encoder", "tokenizer"))
+        unet = load_mvdream_unet(ckpt, config=cfg.unet_config, dtype=weights_dtype, trust_pickle=cfg.trust_pickle)
+        tokenizer, text_encoder = load_text_encoder(loc, key, weights_dtype)
+        models = MVDreamModels(unet, load_vae(loc, key, weights_dtype), tokenizer, text_encoder)
+        return cls(cfg, models, device=device, dtype=dtype, seed=seed)
+
+    def timestep_range(self, step: int) -> tuple[int, int]:
+        """(t_min, t_max), inclusive, at training step `step` (authors' update_step)."""
+        lo = _step_index(self.cfg.min_step_percent(step), self.num_timesteps)
+        hi = _step_index(self.cfg.max_step_percent(step), self.num_timesteps)
+        if not 0 <= lo <= hi < self.num_timesteps:
+            raise ValueError(
+                f"MVDream t-range at step {step} is [{lo}, {hi}]; min/max_step_percent must give "
+                f"0 <= t_min <= t_max < {self.num_timesteps}"
+            )
+        return lo, hi
+
+    def _check_inputs(self, renders: torch.Tensor, prompt: str, cameras: Cameras) -> None:
+        if renders.ndim != 4 or renders.shape[-1] != 3:
+            raise ValueError(f"renders must be [B, H, W, 3], got {tuple(renders.shape)}")
+        b, h, w, _ = renders.shape
+        if b == 0 or b % self.n_views:
+            raise ValueError(
+                f"renders: MVDream needs a multiple of n_views={self.n_views} views (the views of each object "
+                f"consecutive), got B={b}"
+            )
+        if h != w or h not in self.cfg.render_sizes:
+            raise ValueError(
+                f"renders: MVDream takes square renders of a size in render_sizes={tuple(self.cfg.render_sizes)}, "
+                f"got {h}x{w}"
+            )
+        if len(cameras) != b:
+            raise ValueError(f"cameras: need one camera per render ({b}), got {len(cameras)}")
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
+
+    def encode(self, renders: torch.Tensor) -> torch.Tensor:
+        """renders [B, H, W, 3] in [0, 1] -> latents [B, 4, image_size/8, image_size/8] float32 (differentiable)."""
+        x = renders.permute(0, 3, 1, 2).to(self.device, torch.float32)
+        x = F.interpolate(x, (self.cfg.image_size,) * 2, mode="bilinear", align_corners=False)
+        return encode_latents(self.vae, x, self.generator if self.cfg.sample_posterior else None)
+
+    def __call__(
+        self, renders: torch.Tensor, prompt: str, cameras: Cameras, times: torch.Tensor, step: int
+    ) -> GuidanceOut:
+        """renders: [B, H, W, 3] in [0, 1], B = k·n_views; cameras: B cameras; times unused (static prior)."""
+        self._check_inputs(renders, prompt, cameras)
+        return self.loss_on_latents(self.encode(renders), prompt, cameras, step)
+
+    def loss_on_latents(
+        self,
+        latents: torch.Tensor,
+        prompt: str,
+        cameras: Cameras,
+        step: int,
+        t: int | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> GuidanceOut:
+        """The loss on VAE latents [B, 4, h, w] (B = k·n_views); `t` / `noise` override the random draws."""
+        b = latents.shape[0]
+        if b % self.n_views or len(cameras) != b:
+            raise ValueError(f"latents: B={b} must be a multiple of n_views={self.n_views} with one camera each")
+        t_min, t_max = self.timestep_range(step)
+        if t is None:
+            t = int(torch.randint(t_min, t_max + 1, (1,), generator=self.generator))
+        if noise is None:
+            noise = torch.randn(latents.shape, generator=self.generator, dtype=torch.float32)
+        noise = noise.to(latents.device, torch.float32)
+        a_bar = float(self.alphas_cumprod[t])
+
+        direction = None
+        if self.cfg.view_dependent_prompting:
+            direction = view_direction(cameras.elevation, cameras.azimuth, self.cfg.view_prompts)
+        context = self.text.cfg_pair(prompt, self.cfg.negative_prompt, b, direction)  # [2B, 77, C]
+        camera = mvdream_camera(cameras.c2w.to(self.device, torch.float32)).repeat(2, 1)  # [2B, 16]
+
+        with torch.no_grad():
+            z = latents.detach()
+            z_t = math.sqrt(a_bar) * z + math.sqrt(1.0 - a_bar) * noise
+            with self.placement.active(self.unet):
+                eps = self.unet(
+                    torch.cat([z_t, z_t]),
+                    torch.full((2 * b,), t, device=self.device, dtype=torch.long),
+                    context,
+                    camera,
+                    self.n_views,
+                ).float()
+            eps_cond, eps_uncond = eps.chunk(2)  # authors' order: [cond, uncond]
+            eps_cfg = eps_uncond + self.cfg.guidance_scale * (eps_cond - eps_uncond)
+            if self.cfg.recon_loss:
+                x0 = self._x0(z_t, eps_cfg, a_bar)
+                if self.cfg.recon_std_rescale > 0:
+                    x0 = self._std_rescale(x0, self._x0(z_t, eps_cond, a_bar))
+                # d/dz of 0.5·‖z − sg(x̂0)‖²/B is (z − x̂0)/B: the authors' recon loss as an SDS "grad".
+                grad = z - x0
+            else:
+                grad = (1.0 - a_bar) * (eps_cfg - noise)  # w(t) = 1 − ᾱ_t ("sigma_t^2")
+            grad = torch.nan_to_num(grad)
+
+        loss = self.cfg.loss_weight * sds_loss(latents, grad)
+        stats = {"t": float(t), "t_min": float(t_min), "t_max": float(t_max), "grad_norm": float(grad.norm())}
+        return GuidanceOut(loss=loss, stats=stats)
+
+    @staticmethod
+    def _x0(z_t: torch.Tensor, eps: torch.Tensor, a_bar: float) -> torch.Tensor:
+        # ldm predict_start_from_noise: x̂0 = z_t/√ᾱ − √(1/ᾱ − 1)·ε.
+        return z_t / math.sqrt(a_bar) - math.sqrt(1.0 / a_bar - 1.0) * eps
+
+    def _std_rescale(self, x0_cfg: torch.Tensor, x0_cond: torch.Tensor) -> torch.Tensor:
+        """Blend x̂0_cfg with x̂0_cfg·std(x̂0_cond)/std(x̂0_cfg), the std taken per group of n_views views."""
+        shape = (-1, self.n_views, *x0_cfg.shape[1:])
+        dims = [1, 2, 3, 4]
+        factor = (x0_cond.reshape(shape).std(dims, keepdim=True) + 1e-8) / (
+            x0_cfg.reshape(shape).std(dims, keepdim=True) + 1e-8
+        )
+        adjusted = (x0_cfg.reshape(shape) * factor).reshape(x0_cfg.shape)
+        r = self.cfg.recon_std_rescale
+        return r * adjusted + (1.0 - r) * x0_cfg
+
+    def finetune_step(self, renders: torch.Tensor, prompt: str, cameras: Cameras, step: int) -> dict[str, float]:
+        """MVDream has no trainable state."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The random generator's state (the only state that changes)."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,243 @@
+"""Where the real priors' weights come from: a hub id (default) or a local path, with one clear offline error.
+
+Each model is named by a config value that is either a Hugging Face hub id (downloaded and cached by
+huggingface_hub / diffusers / transformers as usual) or a local path. With `HF_HUB_OFFLINE=1` (every test and
+CI run here) a model that is neither a local folder nor in the local hub cache raises one
+`ModelNotAvailableError` naming the config key to set and the folder layout expected, before any loading
+starts. Loading itself is the libraries' `from_pretrained(..., local_files_only=offline)` and
+`hf_hub_download`: nothing here re-implements them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet3DConditionModel
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from fourdfy.guidance.noise import scaled_linear_alphas_cumprod
+
+# Default models (REFERENCE.md §Guidance; the authors' configs/fourdfy_stage_*.yaml).
+MVDREAM_REPO = "MVDream/MVDream"  # MVDream's model_zoo: hf_hub_download(repo_id="MVDream/MVDream", ...)
+MVDREAM_FILE = "sd-v2.1-base-4view.pt"  # guidance_multi_view.model_name: "sd-v2.1-base-4view"
+SD21_BASE = "stabilityai/stable-diffusion-2-1-base"  # guidance.pretrained_model_name_or_path (ε-prediction)
+SD21 = "stabilityai/stable-diffusion-2-1"  # guidance.pretrained_model_name_or_path_lora (v-prediction)
+ZEROSCOPE = "cerspense/zeroscope_v2_576w"  # guidance_video.pretrained_model_name_or_path
+
+# One file per subfolder that proves the subfolder is there (the hub repos' own layout).
+_MARKER_FILES: dict[str, str] = {
+    "unet": "config.json",
+    "vae": "config.json",
+    "text_encoder": "config.json",
+    "tokenizer": "vocab.json",
+    "scheduler": "scheduler_config.json",
+}
+_LAYOUT_HELP: dict[str, str] = {
+    "unet": "unet/ (config.json + diffusion_pytorch_model.safetensors)",
+    "vae": "vae/ (config.json + diffusion_pytorch_model.safetensors)",
+    "text_encoder": "text_encoder/ (config.json + model.safetensors)",
+    "tokenizer": "tokenizer/ (vocab.json + merges.txt)",
+    "scheduler": "scheduler/ (scheduler_config.json)",
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+$")
+
+
+class ModelNotAvailableError(ValueError):
+    """A prior's weights are neither at the configured local path nor obtainable from the hub."""
+
+
+def hub_offline() -> bool:
+    """True when the hub must not be contacted (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE set now or at import)."""
+    now = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return hub_constants.HF_HUB_OFFLINE or now.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _unavailable(config_key: str, value: str, reason: str, layout: str, hub_hint: str) -> ModelNotAvailableError:
+    return ModelNotAvailableError(
+        f"{config_key} = {value!r} is not available: {reason}.\n"
+        f"Fix: set {config_key} to a local copy laid out as {layout}, or {hub_hint}."
+    )
+
+
+def _hub_hint(value: str) -> str:
+    return (
+        f"put the hub repo in the local cache ({hub_constants.HF_HUB_CACHE}) on a machine with internet "
+        f"(`hf download {value}`) or run without HF_HUB_OFFLINE=1"
+        if _HUB_ID.match(value)
+        else "name a hub repo id (owner/name)"
+    )
+
+
+@dataclass(frozen=True)
+class PretrainedLocation:
+    """Where `from_pretrained` should look: a local folder or a hub id, and whether only local files may be used."""
+
+    name_or_path: str
+    local_files_only: bool
+
+
+def locate_pretrained(value: str, config_key: str, subfolders: tuple[str, ...]) -> PretrainedLocation:
+    """Check that a diffusers-layout model named by `value` (hub id or local folder) has `subfolders`.
+
+    Local folder: every subfolder's marker file must exist. Hub id: offline, every marker file must be in the
+    local hub cache; online, nothing is checked here (the download reports its own errors).
+    Raises ModelNotAvailableError naming `config_key` and the layout otherwise.
+    """
+    layout = "a folder with " + ", ".join(_LAYOUT_HELP[s] for s in subfolders)
+    path = Path(value).expanduser()
+    if path.is_dir():
+        missing = [f"{s}/{_MARKER_FILES[s]}" for s in subfolders if not (path / s / _MARKER_FILES[s]).is_file()]
+        if missing:
+            raise _unavailable(
+                config_key, value, f"the folder {path} lacks {', '.join(missing)}", layout, _hub_hint(value)
+            )
+        return PretrainedLocation(str(path), local_files_only=True)
+    if not _HUB_ID.match(value):
+        raise _unavailable(config_key, value, "no such local folder, and it is not a hub id", layout, _hub_hint(value))
+    if not hub_offline():
+        return PretrainedLocation(value, local_files_only=False)
+    missing = [
+        f"{s}/{_MARKER_FILES[s]}"
+        for s in subfolders
+        if not isinstance(try_to_load_from_cache(value, f"{s}/{_MARKER_FILES[s]}"), str)
+    ]
+    if missing:
+        raise _unavailable(
+            config_key,
+            value,
+            f"HF_HUB_OFFLINE=1 and the hub cache lacks {', '.join(missing)} of this repo",
+            layout,
+            _hub_hint(value),
+        )
+    return PretrainedLocation(value, local_files_only=True)
+
+
+def _load_error(config_key: str, loc: PretrainedLocation, subfolder: str, err: Exception) -> ModelNotAvailableError:
+    return ModelNotAvailableError(
+        f"{config_key} = {loc.name_or_path!r}: loading {subfolder}/ failed ({type(err).__name__}: {err}).\n"
+        f"Fix: point {config_key} at a complete copy with {_LAYOUT_HELP[subfolder]}."
+    )
+
+
+def load_unet2d(loc: PretrainedLocation, config_key: str, dtype: torch.dtype) -> UNet2DConditionModel:
+    """The `unet/` of a Stable Diffusion layout, frozen, in eval mode."""
+    try:
+        unet = UNet2DConditionModel.from_pretrained(
+            loc.name_or_path, subfolder="unet", torch_dtype=dtype, local_files_only=loc.local_files_only
+        )
+    except (OSError, ValueError) as err:
+        raise _load_error(config_key, loc, "unet", err) from err
+    return unet.eval().requires_grad_(False)
+
+
+def load_unet3d(loc: PretrainedLocation, config_key: str, dtype: torch.dtype) -> UNet3DConditionModel:
+    """The `unet/` of a text-to-video (ModelScope/Zeroscope) layout, frozen, in eval mode."""
+    try:
+        unet = UNet3DConditionModel.from_pretrained(
+            loc.name_or_path, subfolder="unet", torch_dtype=dtype, local_files_only=loc.local_files_only
+        )
+    except (OSError, ValueError) as err:
+        raise _load_error(config_key, loc, "unet", err) from err
+    return unet.eval().requires_grad_(False)
+
+
+def load_vae(loc: PretrainedLocation, config_key: str, dtype: torch.dtype) -> AutoencoderKL:
+    """The `vae/` (an SD AutoencoderKL), frozen, in eval mode."""
+    try:
+        vae = AutoencoderKL.from_pretrained(
+            loc.name_or_path, subfolder="vae", torch_dtype=dtype, local_files_only=loc.local_files_only
+        )
+    except (OSError, ValueError) as err:
+        raise _load_error(config_key, loc, "vae", err) from err
+    return vae.eval().requires_grad_(False)
+
+
+def load_text_encoder(
+    loc: PretrainedLocation, config_key: str, dtype: torch.dtype
+) -> tuple[CLIPTokenizer, CLIPTextModel]:
+    """The `tokenizer/` and `text_encoder/` (CLIP), the encoder frozen, in eval mode."""
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(
+            loc.name_or_path, subfolder="tokenizer", local_files_only=loc.local_files_only
+        )
+    except (OSError, ValueError) as err:
+        raise _load_error(config_key, loc, "tokenizer", err) from err
+    try:
+        text_encoder = CLIPTextModel.from_pretrained(
+            loc.name_or_path, subfolder="text_encoder", dtype=dtype, local_files_only=loc.local_files_only
+        )
+    except (OSError, ValueError) as err:
+        raise _load_error(config_key, loc, "text_encoder", err) from err
+    return tokenizer, text_encoder.eval().requires_grad_(False)
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """What a prior needs from its `scheduler/` config."""
+
+    alphas_cumprod: torch.Tensor  # [num_train_timesteps] float64, ᾱ_t
+    prediction_type: str  # "epsilon" or "v_prediction"
+
+
+def load_noise_schedule(loc: PretrainedLocation, config_key: str) -> NoiseSchedule:
+    """Read `scheduler/scheduler_config.json`; ᾱ from `fourdfy.guidance.noise` with the config's betas.
+
+    Only the "scaled_linear" schedule (every model used here) is accepted; anything else is a ValueError
+    rather than a silently different ᾱ table.
+    """
+    try:
+        config = DDPMScheduler.load_config(
+            loc.name_or_path, subfolder="scheduler", local_files_only=loc.local_files_only
+        )
+    except (OSError, ValueError) as err:
+        raise _load_error(config_key, loc, "scheduler", err) from err
+    schedule = config.get("beta_schedule", "linear")
+    if schedule != "scaled_linear" or config.get("trained_betas") is not None:
+        raise ValueError(
+            f"{config_key} = {loc.name_or_path!r}: scheduler beta_schedule={schedule!r} is not supported; "
+            "the priors assume Stable Diffusion's 'scaled_linear' schedule"
+        )
+    prediction_type = str(config.get("prediction_type", "epsilon"))
+    if prediction_type not in {"epsilon", "v_prediction"}:
+        raise ValueError(
+            f"{config_key} = {loc.name_or_path!r}: prediction_type={prediction_type!r} is not supported "
+            "(epsilon or v_prediction)"
+        )
+    alphas_cumprod = scaled_linear_alphas_cumprod(
+        int(config.get("num_train_timesteps", 1000)),
+        float(config.get("beta_start", 0.0001)),
+        float(config.get("beta_end", 0.02)),
+    )
+    return NoiseSchedule(alphas_cumprod=alphas_cumprod, prediction_type=prediction_type)
+
+
+def resolve_checkpoint_file(value: str, filename: str, config_key: str) -> Path:
+    """A single-file checkpoint (MVDream's `.pt`): a local file, a local folder holding `filename`, or a hub
+    repo id whose file `filename` is fetched with hf_hub_download (offline: from the cache only)."""
+    layout = f"the file itself (.pt or .safetensors) or a folder holding {filename}"
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        if (path / filename).is_file():
+            return path / filename
+        raise _unavailable(config_key, value, f"the folder {path} has no {filename}", layout, _hub_hint(value))
+    if not _HUB_ID.match(value):
+        raise _unavailable(config_key, value, "no such local file or folder, and it is not a hub id", layout,
+                           _hub_hint(value))
+    offline = hub_offline()
+    try:
+        return Path(hf_hub_download(value, filename, local_files_only=offline))
+    except (OSError, ValueError) as err:  # LocalEntryNotFoundError, EntryNotFoundError, HTTP errors
+        reason = (
+            f"HF_HUB_OFFLINE=1 and {filename} of this repo is not in the hub cache"
+            if offline
+            else f"downloading {filename} failed ({type(err).__name__}: {err})"
+        )
+        raise _unavailable(config_key, value, reason, layout, _hub_hint(value)) from err

@@ -1,0 +1,128 @@
+"""Algorithm 1 of the paper as data: which update each iteration makes, what it trains, at what rate.
+
+Three stages (paper §4, Algorithm 1; lengths and probabilities from the authors' configs):
+  stage 1: 3D (MVDream SDS) only; the dynamic grid is frozen.
+  stage 2: 3D with probability p_3d, else IMG (VSD with SD 2.1).
+  stage 3: 3D with p_3d, IMG with (1 − p_3d)·p_img, VID otherwise. The paper's wording gives IMG
+           p_3d·p_img, which with p_3d = p_img = 0.5 equals the code's (1 − p_3d)·p_img; the code's form
+           is the one that sums to one for other values, and the one the authors confirmed.
+The dynamic grid is trained only by VID updates; before stage 3 the static grid's learning rate drops.
+Every Table-2 ablation is a setting of this one schedule (see conf/variant/).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+KINDS = ("3d", "img", "vid")
+
+
+@dataclass
+class ScheduleConfig:
+    """The hybrid SDS schedule (REFERENCE.md §Hybrid schedule)."""
+
+    stage_lengths: list[int] = field(default_factory=lambda: [10000, 25000, 100000])  # code; paper: 10k/10k/100k
+    p_3d: float = 0.5  # P_3D, probability of a 3D-aware update (paper Alg. 1)
+    p_img: float = 0.5  # P_IMG; 0 removes the image prior (the "w/o VSD" ablation)
+    stage3_video_only: bool = False  # True: stage 3 makes only VID updates (the "w/o hybrid SDS" ablation)
+    skip_stages_1_2: bool = False  # True: every iteration is a stage-3 one, same total ("w/o 3D/IMG" ablation)
+    lr_static: float = 0.01  # static hash grid (paper §5)
+    lr_static_stage3: float = 1e-4  # static grid from stage 3 on (authors' stage-3 config)
+    lr_dynamic: float = 0.01  # dynamic hash grid
+    lr_heads: float = 1e-3  # MLP heads and background
+    blob_std_stage3_end: float = 5.0  # density blob std annealed 0.5 -> 5.0 in stage 3 (authors' config)
+    blob_anneal_steps: int = 50000  # over the first 50k steps of stage 3
+
+    def validate(self) -> None:
+        """Errors name the key and the fix; called before any work."""
+        if len(self.stage_lengths) != 3 or any(n < 0 for n in self.stage_lengths):
+            raise ValueError(f"schedule.stage_lengths must be three non-negative integers, got {self.stage_lengths}")
+        if sum(self.stage_lengths) == 0:
+            raise ValueError("schedule.stage_lengths are all 0: nothing to train")
+        for key in ("p_3d", "p_img"):
+            value = getattr(self, key)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"schedule.{key} must be a probability in [0, 1], got {value}")
+        for key in ("lr_static", "lr_static_stage3", "lr_dynamic", "lr_heads"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"schedule.{key} must be >= 0, got {getattr(self, key)}")
+        if self.blob_anneal_steps < 0:
+            raise ValueError(f"schedule.blob_anneal_steps must be >= 0, got {self.blob_anneal_steps}")
+        early = 0 if self.skip_stages_1_2 else self.stage_lengths[0] + self.stage_lengths[1]
+        if early > 0 and self.p_3d == 0 and self.p_img == 0:
+            raise ValueError(
+                "stages 1-2 need the 3D or the image prior, but schedule.p_3d = schedule.p_img = 0; "
+                "set their stage_lengths to 0 (or set schedule.skip_stages_1_2 as the no_image_guidance variant does) or raise a probability"
+            )
+
+
+class HybridSchedule:
+    """Decides, per iteration, the update kind, the trainable parameter groups and the learning rates."""
+
+    def __init__(self, cfg: ScheduleConfig):
+        cfg.validate()
+        self.cfg = cfg
+        s1, s2, s3 = cfg.stage_lengths
+        if cfg.skip_stages_1_2:  # the same number of iterations, all of them stage 3
+            s1, s2, s3 = 0, 0, s1 + s2 + s3
+        self.stage_lengths = (s1, s2, s3)
+        self.stage_ends = (s1, s1 + s2, s1 + s2 + s3)
+
+    @property
+    def total_iterations(self) -> int:
+        return self.stage_ends[-1]
+
+    def stage(self, iteration: int) -> int:
+        """1, 2 or 3 for a 0-based iteration."""
+        for stage, end in enumerate(self.stage_ends, start=1):
+            if iteration < end:
+                return stage
+        raise ValueError(f"iteration {iteration} is past the schedule's end ({self.total_iterations})")
+
+    def probabilities(self, stage: int) -> dict[str, float]:
+        """P(kind) in a stage."""
+        p3, pi = self.cfg.p_3d, self.cfg.p_img
+        if stage == 1:
+            return {"3d": 1.0, "img": 0.0, "vid": 0.0} if p3 > 0 else {"3d": 0.0, "img": 1.0, "vid": 0.0}
+        if stage == 2:
+            if pi == 0:  # no image prior: stage 2 is 3D only
+                return {"3d": 1.0, "img": 0.0, "vid": 0.0}
+            return {"3d": p3, "img": 1.0 - p3, "vid": 0.0}
+        if self.cfg.stage3_video_only:
+            return {"3d": 0.0, "img": 0.0, "vid": 1.0}
+        return {"3d": p3, "img": (1.0 - p3) * pi, "vid": (1.0 - p3) * (1.0 - pi)}
+
+    def kind(self, iteration: int, generator: torch.Generator) -> str:
+        """Draw this iteration's update kind. Always consumes exactly one number from ``generator``."""
+        u = float(torch.rand((), generator=generator))
+        probs = self.probabilities(self.stage(iteration))
+        cumulative = 0.0
+        for kind in KINDS:
+            cumulative += probs[kind]
+            if u < cumulative:
+                return kind
+        return next(k for k in reversed(KINDS) if probs[k] > 0)  # u ≈ 1 with rounding
+
+    @staticmethod
+    def trainable(kind: str) -> dict[str, bool]:
+        """Which parameter groups an update of this kind trains: the dynamic grid only on VID."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown update kind {kind!r}; expected one of {KINDS}")
+        return {"static": True, "dynamic": kind == "vid", "heads": True}
+
+    def lr(self, iteration: int) -> dict[str, float]:
+        """Learning rate per parameter group."""
+        static = self.cfg.lr_static_stage3 if self.stage(iteration) == 3 else self.cfg.lr_static
+        return {"static": static, "dynamic": self.cfg.lr_dynamic, "heads": self.cfg.lr_heads}
+
+    def blob_std(self, iteration: int, start: float) -> float:
+        """Density-blob std: ``start`` until stage 3, then linear towards blob_std_stage3_end."""
+        into_stage3 = iteration - self.stage_ends[1]
+        if into_stage3 <= 0:
+            return start
+        if self.cfg.blob_anneal_steps == 0:
+            return self.cfg.blob_std_stage3_end
+        frac = min(1.0, into_stage3 / self.cfg.blob_anneal_steps)
+        return start + frac * (self.cfg.blob_std_stage3_end - start)
