@@ -45,6 +45,19 @@ class RendererConfig:
     white_background: bool = False
     # Also return per-sample weights [B, H, W, n_samples] and sample distances t [B, H, W, n_samples].
     return_weights: bool = False
+    # Skip the field where an occupancy grid says space is empty (authors: nerfacc OccGridEstimator). Off
+    # by default; while on, Renderer.update_occupancy(field, times) must be called to (re)build the grid
+    # (before the first update every cell counts as occupied, i.e. the dense path).
+    occupancy_grid: bool = False
+    # Cells per side of the occupancy grid over the cube [-radius, radius]^3 (authors: occ_grid_res: 32).
+    occupancy_resolution: int = 32
+    # A cell is occupied if density·step > this at any probed point and time (authors' occ_eval_fn returns
+    # density·render_step_size, nerfacc's default occ_thre 0.01). Only 0 is conservative (keeps every cell
+    # with any density); 0.01 drops faint density, changing the image slightly, as the authors' grid does.
+    occupancy_threshold: float = 0.01
+    # Cells added around occupied ones (a dilation): the grid probes only cell centres, so content in a
+    # cell whose centre is empty is caught through its occupied neighbour.
+    occupancy_dilation: int = 1
 
     def __post_init__(self) -> None:
         if self.n_samples < 1:
@@ -55,6 +68,16 @@ class RendererConfig:
             raise ValueError(
                 f"RendererConfig.chunk_rays must be >= 1 or None (no chunking), got {self.chunk_rays}"
             )
+        if self.occupancy_resolution < 1:
+            raise ValueError(
+                f"RendererConfig.occupancy_resolution must be >= 1, got {self.occupancy_resolution}"
+            )
+        if self.occupancy_threshold < 0:
+            raise ValueError(
+                f"RendererConfig.occupancy_threshold must be >= 0, got {self.occupancy_threshold}"
+            )
+        if self.occupancy_dilation < 0:
+            raise ValueError(f"RendererConfig.occupancy_dilation must be >= 0, got {self.occupancy_dilation}")
 
 
 def composite(
@@ -81,11 +104,98 @@ def composite(
     }
 
 
+class OccupancyGrid:
+    """Boolean grid over the cube [-half_size, half_size]^3: False marks cells known to be empty."""
+
+    def __init__(self, resolution: int, half_size: float, device: torch.device | str = "cpu"):
+        self.resolution = resolution
+        self.half_size = half_size
+        # Every cell occupied until the first update: the grid then changes nothing.
+        self.occupied = torch.ones(resolution, resolution, resolution, dtype=torch.bool, device=device)
+
+    def cell_centres(self) -> torch.Tensor:
+        """[R, R, R, 3] world coordinates of the cell centres, indexed [ix, iy, iz]."""
+        r = self.resolution
+        axis = (torch.arange(r, device=self.occupied.device) + 0.5) / r * 2 * self.half_size - self.half_size
+        return torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1)
+
+    def lookup(self, points: torch.Tensor) -> torch.Tensor:
+        """points: [N, 3] -> [N] bool, True where the containing cell is occupied (True outside the cube,
+        where the grid knows nothing)."""
+        r = self.resolution
+        if self.occupied.device != points.device:
+            self.occupied = self.occupied.to(points.device)
+        index = torch.floor((points + self.half_size) / (2 * self.half_size) * r).long()
+        inside = ((index >= 0) & (index < r)).all(dim=-1)
+        index = index.clamp(0, r - 1)
+        occupied = self.occupied[index[:, 0], index[:, 1], index[:, 2]]
+        return occupied | ~inside
+
+    @torch.no_grad()
+    def update(self, field: Field, times: torch.Tensor, threshold: float, step: float, dilation: int) -> None:
+        """Rebuild from the field's density at the cell centres at every time in times [T]: a cell is
+        occupied if density·step > threshold at any of those times, then grown by `dilation` cells."""
+        centres = self.cell_centres().reshape(-1, 3)
+        occupied = torch.zeros(centres.shape[0], dtype=torch.bool, device=centres.device)
+        for time in torch.as_tensor(times).reshape(-1).tolist():  # a handful of times, each one vectorised
+            density, _ = field(centres, torch.full((centres.shape[0],), time, device=centres.device))
+            occupied |= density.reshape(-1) * step > threshold
+        grid = occupied.reshape(1, 1, *self.occupied.shape).float()
+        if dilation > 0:
+            grid = torch.nn.functional.max_pool3d(
+                grid, kernel_size=2 * dilation + 1, stride=1, padding=dilation
+            )
+        self.occupied = grid[0, 0] > 0
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"occupied": self.occupied.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        occupied = state["occupied"]
+        if occupied.shape != self.occupied.shape:
+            raise ValueError(
+                f"occupancy grid state has shape {tuple(occupied.shape)}, this renderer's grid is "
+                f"{tuple(self.occupied.shape)}: use the same RendererConfig.occupancy_resolution"
+            )
+        self.occupied = occupied.to(device=self.occupied.device, dtype=torch.bool)
+
+
 class Renderer:
-    """Dense-sampling volume renderer. Stateless apart from its config."""
+    """Volume renderer with dense stratified samples; its only state is the optional occupancy grid."""
 
     def __init__(self, cfg: RendererConfig | None = None):
         self.cfg = cfg if cfg is not None else RendererConfig()
+        self.occupancy: OccupancyGrid | None = None
+        if self.cfg.occupancy_grid:
+            self.occupancy = OccupancyGrid(self.cfg.occupancy_resolution, self.cfg.radius)
+
+    def update_occupancy(
+        self, field: Field, times: torch.Tensor, device: torch.device | str | None = None
+    ) -> None:
+        """Rebuild the occupancy grid from the field at times [T] (all the times the grid must cover),
+        probing on `device` (default: where the grid is). step is the nominal sample spacing
+        2·radius/n_samples (the longest chord over n_samples)."""
+        if self.occupancy is None:
+            raise ValueError("update_occupancy needs RendererConfig(occupancy_grid=True)")
+        if device is not None:
+            self.occupancy.occupied = self.occupancy.occupied.to(device)
+        self.occupancy.update(
+            field,
+            times,
+            threshold=self.cfg.occupancy_threshold,
+            step=2 * self.cfg.radius / self.cfg.n_samples,
+            dilation=self.cfg.occupancy_dilation,
+        )
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The occupancy grid (empty without one): save it in checkpoints for an exact resume."""
+        return self.occupancy.state_dict() if self.occupancy is not None else {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if self.occupancy is not None:
+            self.occupancy.load_state_dict(state)
+        elif state:
+            raise ValueError("checkpoint has an occupancy grid but RendererConfig.occupancy_grid is False")
 
     def render(
         self,
@@ -165,8 +275,8 @@ class Renderer:
             result["t_samples"] = t_samples.reshape(b, height, width, n)
         return result
 
-    @staticmethod
     def _march(
+        self,
         field: Field,
         origins: torch.Tensor,
         directions: torch.Tensor,
@@ -177,13 +287,17 @@ class Renderer:
         """Query the field at every sample of R rays and composite. origins, directions: [R, 3]; times: [R];
         t_samples: [R, N]; far: [R]."""
         r, n = t_samples.shape
-        points = origins[:, None, :] + t_samples[..., None] * directions[:, None, :]  # [R, N, 3]
-        density, rgb = field(points.reshape(r * n, 3), times.repeat_interleave(n))
-        if density.shape != (r * n,) or rgb.shape != (r * n, 3):
-            raise ValueError(
-                f"field(x [N,3], t [N]) must return (density [N], rgb [N,3]) with N={r * n}; "
-                f"got density {tuple(density.shape)}, rgb {tuple(rgb.shape)}"
-            )
+        points = (origins[:, None, :] + t_samples[..., None] * directions[:, None, :]).reshape(r * n, 3)
+        sample_times = times.repeat_interleave(n)
+        keep = self.occupancy.lookup(points) if self.occupancy is not None else None
+        if keep is None or bool(keep.all()):
+            density, rgb = _query(field, points, sample_times)
+        else:
+            # Empty cells: density 0 (so α = 0 and the colour is irrelevant) without calling the field.
+            index = keep.nonzero().squeeze(1)
+            kept_density, kept_rgb = _query(field, points[index], sample_times[index])
+            density = points.new_zeros(r * n).index_put((index,), kept_density.to(points.dtype))
+            rgb = points.new_zeros(r * n, 3).index_put((index,), kept_rgb.to(points.dtype))
         return composite(density.reshape(r, n), rgb.reshape(r, n, 3), t_samples, far)
 
     def _background(
@@ -213,3 +327,15 @@ class Renderer:
         if colour.shape == (b, 3):
             return colour.repeat_interleave(rays_per_view, dim=0)
         raise ValueError(f"background tensor must be [3] or [B,3]=[{b},3], got {tuple(colour.shape)}")
+
+
+def _query(field: Field, points: torch.Tensor, times: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """field(points [N, 3], times [N]) with its output shapes checked."""
+    n = points.shape[0]
+    density, rgb = field(points, times)
+    if density.shape != (n,) or rgb.shape != (n, 3):
+        raise ValueError(
+            f"field(x [N,3], t [N]) must return (density [N], rgb [N,3]) with N={n}; "
+            f"got density {tuple(density.shape)}, rgb {tuple(rgb.shape)}"
+        )
+    return density, rgb
