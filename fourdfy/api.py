@@ -19,14 +19,16 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from fourdfy.config import FieldConfig, HashGridConfig, RunConfig
-from fourdfy.export.video import render_orbit, render_views_by_time, write_grid, write_video
+from fourdfy.checkpoint import load_latest_checkpoint
+from fourdfy.export.outputs import write_outputs
 from fourdfy.fields.background import BackgroundMLP
+from fourdfy.fields.dense import DenseGridEncoding3D, DenseGridEncoding4D
 from fourdfy.fields.field4d import Field4D
 from fourdfy.fields.hashgrid import HashGridEncoding
 from fourdfy.fields.hexplane import TimePlaneEncoding, TriPlaneEncoding
 from fourdfy.guidance.base import Guidance
 from fourdfy.hybrid import HybridSchedule
-from fourdfy.render.volume import Renderer, RendererConfig
+from fourdfy.render.volume import Renderer
 from fourdfy.tracking import make_logger
 from fourdfy.trainer import Callback, Trainer
 
@@ -45,6 +47,11 @@ def build_field(cfg: FieldConfig) -> tuple[Field4D, BackgroundMLP]:
     encodings: dict[str, Callable[[], tuple[nn.Module, nn.Module]]] = {
         "hashgrid": lambda: (_hash_grid(cfg.static_grid, 3), _hash_grid(cfg.dynamic_grid, 4)),
         "hexplane": lambda: (TriPlaneEncoding(cfg.hexplane), TimePlaneEncoding(cfg.hexplane)),
+        "dense": lambda: (
+            DenseGridEncoding3D(cfg.dense.resolutions, cfg.dense.n_features, cfg.dense.init_scale),
+            DenseGridEncoding4D(cfg.dense.dynamic_resolutions, cfg.dense.n_features, cfg.dense.time_resolution,
+                                cfg.dense.init_scale),
+        ),
     }
     if cfg.kind not in encodings:
         raise ValueError(f"field.kind must be one of {sorted(encodings)}, got {cfg.kind!r}")
@@ -138,24 +145,30 @@ def generate(cfg: RunConfig, run_dir: Path, callbacks: list[Callback] | None = N
     return metrics
 
 
-def write_outputs(cfg: RunConfig, field: nn.Module, run_dir: Path, logger, step: int) -> dict[str, float]:
-    """Orbit video, views×time grid and (toy world) ground-truth metrics."""
-    renders = run_dir / "renders"
-    ev = cfg.eval
-    renderer = Renderer(RendererConfig(n_samples=ev.n_samples, radius=cfg.renderer.radius))
-    white = torch.ones(3)
-    field.eval()
-    orbit = write_video(render_orbit(field, renderer, ev.video_frames, ev.video_size, white), renders / "orbit.mp4",
-                        fps=ev.fps)
-    grid = write_grid(render_views_by_time(field, renderer, ev.grid_views, ev.grid_times, ev.video_size, white),
-                      renders / "grid.png")
-    logger.log_video("renders/orbit", orbit, step)
-    logger.log_image("renders/grid", grid, step)
-    metrics: dict[str, float] = {}
-    if cfg.guidance.backend == "synthetic":
-        from fourdfy.synthetic.evaluate import ground_truth_metrics
 
-        metrics.update(ground_truth_metrics(field, cfg.prompt, ev.times, ev.orbit_views, ev.size, ev.n_samples,
-                                            radius=cfg.guidance.synthetic.data.render_radius))
-        logger.log({f"eval/{k}": v for k, v in metrics.items()}, step)
-    return metrics
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    """The RunConfig saved in ``run_dir/config.yaml`` (validated against the current schema)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: {run_dir} is not a fourdfy run directory")
+    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path))
+    return OmegaConf.to_object(merged)
+
+
+def load_run(run_dir: Path) -> tuple[RunConfig, Field4D, BackgroundMLP, int]:
+    """Rebuild a run's field and background from its config and newest valid checkpoint.
+
+    Returns (config, field, background, iteration). Raises FileNotFoundError naming the path when the
+    run has no checkpoint.
+    """
+    cfg = load_run_config(run_dir)
+    found = load_latest_checkpoint(Path(run_dir) / "checkpoints")
+    if found is None:
+        raise FileNotFoundError(f"{Path(run_dir) / 'checkpoints'} holds no valid checkpoint")
+    state, _ = found
+    field, background = build_field(cfg.field)
+    field.load_state_dict(state["field"])
+    background.load_state_dict(state["background"])
+    field.eval()
+    return cfg, field, background, state["iteration"]

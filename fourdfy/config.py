@@ -13,6 +13,7 @@ from dataclasses import field as dc_field
 from hydra.core.config_store import ConfigStore
 
 from fourdfy.fields.background import BackgroundConfig
+from fourdfy.fields.dense import DenseGridConfig
 from fourdfy.fields.field4d import HeadsConfig
 from fourdfy.fields.hexplane import HexPlaneConfig
 from fourdfy.hybrid import ScheduleConfig
@@ -39,10 +40,11 @@ class HashGridConfig:
 class FieldConfig:
     """The 4D field: which encodings, the heads, the background."""
 
-    kind: str = "hashgrid"  # "hashgrid" (the paper) or "hexplane" (Table-2 ablation)
+    kind: str = "hashgrid"  # "hashgrid" (the paper), "hexplane" (Table-2 ablation), "dense" (CPU fast path)
     static_grid: HashGridConfig = dc_field(default_factory=HashGridConfig)  # 3D grid of x
     dynamic_grid: HashGridConfig = dc_field(default_factory=HashGridConfig)  # 4D grid of (x, t)
     hexplane: HexPlaneConfig = dc_field(default_factory=HexPlaneConfig)  # used when kind = hexplane
+    dense: DenseGridConfig = dc_field(default_factory=DenseGridConfig)  # used when kind = dense
     heads: HeadsConfig = dc_field(default_factory=HeadsConfig)
     background: BackgroundConfig = dc_field(default_factory=BackgroundConfig)
     box_radius: float = 1.0  # scene box [-1, 1]^3 (authors' geometry.radius: 1.0)
@@ -76,6 +78,18 @@ class EvalConfig:
     grid_times: int = 5  # columns of the views×time grid
     fps: int = 15  # video frame rate (authors' evaluation video: 15 fps)
     n_samples: int = 64  # samples per ray for evaluation renders
+    captions: bool = True  # prompt above people-facing videos and grid (never on orbit.mp4: CLIP reads it)
+    gif: bool = True  # also write the captioned orbit as orbit.gif
+    extra_videos: bool = True  # also render the static (t = 0) orbit, fixed view over time and depth videos
+    fixed_view_azimuth: float = 0.0  # azimuth (degrees) of the fixed-view-over-time video
+    extra_video_frames: int = 16  # frames of the static orbit and fixed-view videos (16: the paper's clips)
+    depth_colormap: str = "turbo"  # matplotlib colour map of depth.mp4 (near: warm end, far: cold end)
+    mesh_resolution: int = 128  # marching-cubes grid points per side (threestudio isosurface_resolution: 128)
+    mesh_threshold: float = 25.0  # density iso-level (threestudio ImplicitVolume isosurface_threshold: 25.0)
+    mesh_frames: int = 16  # time steps meshed, linspace(0, 1, T) (16 = the paper's video frames)
+    mesh_fps: float = 8.0  # frame rate at which mesh.glb plays its T meshes (16 frames: 2 s per loop)
+    mesh_formats: list[str] = dc_field(default_factory=lambda: ["ply"])  # per-frame files: "ply" and/or "obj"
+    mesh_on_finish: bool = False  # also mesh at the end of a run (off: CPU demo stays fast; `fourdfy export`)
 
 
 @dataclass

@@ -9,11 +9,15 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
+# One toy-data cache per test session (inherited by subprocesses and SLURM jobs started by tests):
+# hermetic, and each data set is still rendered only once.
+os.environ.setdefault("FOURDFY_CACHE", tempfile.mkdtemp(prefix="fourdfy-test-cache-"))
 
 _READY_STATES = {"idle", "mixed", "allocated", "completing"}
 

@@ -23,7 +23,9 @@ Semantics (tiny-cuda-nn ``include/tiny-cuda-nn/encodings/grid.h``), per level ``
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -37,6 +39,8 @@ _TCNN_PRIMES = (1, 2654435761, 805459861, 3674653429)
 _TABLE_ALIGNMENT = 8
 # tiny-cuda-nn's GridEncoding::initialize_params: uniform in [-1e-4, 1e-4].
 _TCNN_INIT_RANGE = 1e-4
+# Points per chunk of the torch backend (measured on the 2-core CPU, see tests/test_hashgrid.py docstring).
+_DEFAULT_CHUNK = 1 << 13
 
 Backend = Literal["torch", "tcnn"]
 
@@ -59,7 +63,7 @@ class GridLayout:
 def tcnn_grid_layout(
     n_input_dims: int, n_levels: int, log2_hashmap_size: int, base_resolution: int, per_level_scale: float
 ) -> GridLayout:
-    """Level scales, resolutions and table offsets exactly as tiny-cuda-nn's GridEncodingTemplated computes them.
+    """Level scales, resolutions and table offsets exactly as tiny-cuda-nn's GridEncoding computes them.
 
     tiny-cuda-nn evaluates ``exp2f(l * std::log2(per_level_scale)) * base_resolution - 1.0f`` in float32;
     each float32 step is reproduced here (log2/exp2 are evaluated in double and rounded once to float32,
@@ -87,133 +91,260 @@ def tcnn_grid_layout(
 
 
 @dataclass(frozen=True)
-class _GridTables:
-    """Device tensors the kernels need; built per call from the module's buffers (they follow `.to()`)."""
+class _Group:
+    """A run of consecutive levels indexed the same way (dense levels come first, then hashed ones)."""
 
-    scales: Tensor  # [L] in the compute dtype
-    n_dense: int  # levels [0, n_dense) are dense, [n_dense, L) hashed (resolution grows with l)
-    dense_corner_offsets: Tensor  # [Ld, C] int64: sum_d bit_d(c) * res^d
-    dense_strides: Tensor  # [Ld, D] int64: res^d
-    dense_table_sizes: Tensor  # [Ld, 1] int64
-    dense_offsets: Tensor  # [Ld, 1] int64
-    hashed_offsets: Tensor  # [Lh, 1] int64
-    hash_mask: int  # 2^log2_hashmap_size - 1 (hashed tables always have exactly 2^log2 entries)
-
-
-def _corner_bits(n_dims: int) -> list[list[int]]:
-    """bits[c][d] for the 2^D corners; dim 0 is the most significant bit (matches the outer products)."""
-    return [[(c >> (n_dims - 1 - d)) & 1 for d in range(n_dims)] for c in range(1 << n_dims)]
+    start: int  # first level
+    stop: int  # one past the last level
+    hashed: bool  # hash indexing (else dense)
+    first_entry: int  # table entry where the group's first level starts; indices below are relative to it
+    scales: tuple[float, ...]  # [Lg] float32 values of scale_l
+    strides: tuple[tuple[int, ...], ...]  # dense: [Lg][D] res_l^d; hashed: ()
+    table_sizes: tuple[int, ...]  # [Lg] entries per level
+    offsets: tuple[int, ...]  # [Lg] level start relative to first_entry
 
 
-def _cells_and_fracs(x: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
-    """x: [N, D], scales: [L] -> (cell [N, L, D] int64, frac [N, L, D] in [0, 1))."""
-    if x.dtype == torch.float32:
-        # tcnn evaluates pos with fmaf(scale, x, 0.5f), i.e. rounded once. scale * x is exact in float64
-        # (24 + 24 significant bits), so float64 evaluation rounded once to float32 reproduces the fused
-        # result; the unfused float32 expression differs by up to ~1e-5 at the finest levels.
-        pos = (x.double().unsqueeze(1) * scales.double().view(1, -1, 1) + 0.5).float()
-    else:
-        pos = x.unsqueeze(1) * scales.view(1, -1, 1) + 0.5
+@dataclass(frozen=True)
+class _Plan:
+    """Constants of the torch kernels (hashable, so their device tensors can be cached per device)."""
+
+    n_dims: int  # D
+    n_levels: int  # L
+    n_features: int  # F
+    groups: tuple[_Group, ...]  # at most one dense and one hashed group
+    hash_mask: int  # 2^log2_hashmap_size - 1 (a hashed table always has exactly 2^log2 entries)
+    index_dtype: torch.dtype  # int32 when every entry index fits (halves index traffic), else int64
+    chunk_size: int  # points per chunk: bounds every temporary to O(chunk * L * 2^D) elements
+
+
+def _make_plan(layout: GridLayout, n_dims: int, n_features: int, log2_hashmap_size: int, chunk: int) -> _Plan:
+    n_levels = len(layout.scales)
+    n_dense = layout.hashed.index(True) if any(layout.hashed) else n_levels
+    if any(layout.hashed[:n_dense]) or not all(layout.hashed[n_dense:]):
+        raise ValueError(f"dense levels must precede hashed ones, got hashed flags {layout.hashed}")
+    groups = []
+    for start, stop, hashed in ((0, n_dense, False), (n_dense, n_levels, True)):
+        if start == stop:
+            continue
+        first = layout.level_offsets[start]
+        groups.append(
+            _Group(
+                start=start,
+                stop=stop,
+                hashed=hashed,
+                first_entry=first,
+                scales=tuple(layout.scales[start:stop]),
+                strides=() if hashed else tuple(
+                    tuple(r**d for d in range(n_dims)) for r in layout.resolutions[start:stop]
+                ),
+                table_sizes=tuple(layout.table_sizes[start:stop]),
+                offsets=tuple(o - first for o in layout.level_offsets[start:stop]),
+            )
+        )
+    return _Plan(
+        n_dims=n_dims,
+        n_levels=n_levels,
+        n_features=n_features,
+        groups=tuple(groups),
+        hash_mask=(1 << log2_hashmap_size) - 1,
+        index_dtype=torch.int32 if layout.level_offsets[-1] < 2**31 else torch.int64,
+        chunk_size=chunk,
+    )
+
+
+@dataclass(frozen=True)
+class _GroupTensors:
+    """A `_Group`'s per-level constants on one device, shaped to broadcast against [Lg, D, n]."""
+
+    scales: Tensor  # [Lg, 1, 1] float64 (exact copies of the float32 scales)
+    strides: Tensor  # dense: [Lg, D, 1] int64; hashed: the primes, [1, D, 1] int64
+    table_sizes: Tensor  # [Lg, 1, 1] index dtype
+    offsets: Tensor  # [Lg, 1, 1] index dtype
+
+
+@functools.lru_cache(maxsize=64)
+def _group_tensors(
+    group: _Group, n_dims: int, index_dtype: torch.dtype, device: torch.device
+) -> _GroupTensors:
+    def t(values: Any, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
+        return torch.tensor(values, dtype=dtype, device=device).view(shape)
+
+    n = group.stop - group.start
+    strides = t(_TCNN_PRIMES[:n_dims], torch.int64, (1, n_dims, 1)) if group.hashed else (
+        t(group.strides, torch.int64, (n, n_dims, 1))
+    )
+    return _GroupTensors(
+        scales=t(group.scales, torch.float64, (n, 1, 1)),
+        strides=strides,
+        table_sizes=t(group.table_sizes, index_dtype, (n, 1, 1)),
+        offsets=t(group.offsets, index_dtype, (n, 1, 1)),
+    )
+
+
+def _entries(params: Tensor, n_features: int) -> Tensor:
+    """Flat params [n_entries * F] -> one row per table entry.
+
+    F == 2 (the paper's grids) becomes a complex [n_entries] view, so a corner lookup is a single 8-byte
+    gather and weighting a corner is one real-by-complex product; other F give a real [n_entries, F] view.
+    """
+    table = params.view(-1, n_features)
+    return torch.view_as_complex(table) if n_features == 2 else table
+
+
+def _as_real(v: Tensor, n_features: int) -> Tensor:
+    """Entry-valued tensor [...] complex or [..., F] real -> [..., F] real."""
+    return torch.view_as_real(v) if n_features == 2 else v
+
+
+def _coords(x: Tensor, gt: _GroupTensors, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """x: [n, D] -> (cell [Lg, D, n] int64, frac [Lg, D, n] in dtype), pos = scale_l * x + 0.5.
+
+    tcnn evaluates pos with fmaf(scale, x, 0.5f), i.e. rounded once. scale * x is exact in float64
+    (24 + 24 significant bits), so evaluating in float64 and rounding once to float32 reproduces the fused
+    result; the plain float32 expression differs by up to ~1e-5 at fine levels.
+    """
+    xt = x.t().to(torch.float64).unsqueeze(0)  # [1, D, n]
+    pos = (xt * gt.scales).add_(0.5).to(dtype)
     cell = torch.floor(pos)
     return cell.long(), pos - cell
 
 
-def _outer_pairs(pairs: list[Tensor], combine: str) -> Tensor:
-    """Outer product (`mul`) or outer XOR (`xor`) of D tensors [..., 2] -> [..., 2^D], dim 0 most significant."""
-    acc = pairs[0]
-    for pair in pairs[1:]:
-        a, b = acc.unsqueeze(-1), pair.unsqueeze(-2)
-        acc = (a * b if combine == "mul" else a ^ b).flatten(-2)
+def _outer(pairs: Tensor, op: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """pairs: [Lg, D, 2, n] -> [Lg, 2^D, n], one entry per dim combined; dim 0 is the most significant bit."""
+    acc = pairs[:, 0]
+    for d in range(1, pairs.shape[1]):
+        acc = op(acc.unsqueeze(2), pairs[:, d].unsqueeze(1)).flatten(1, 2)
     return acc
 
 
+def _corner_indices(cell: Tensor, group: _Group, gt: _GroupTensors, plan: _Plan) -> Tensor:
+    """cell: [Lg, D, n] int64 -> every corner's entry relative to group.first_entry, [Lg, 2^D, n]."""
+    if not group.hashed:
+        a = cell * gt.strides  # [Lg, D, n]
+        idx = _outer(torch.stack((a, a + gt.strides), dim=2).to(plan.index_dtype), torch.add)
+        # The +0.5 shift lets the upper corner reach `res`, so a dense index can pass the table end; tcnn
+        # wraps it with `% T` (T may also exceed res^D by the 8-entry padding).
+        return torch.remainder(idx, gt.table_sizes).add_(gt.offsets)
+    # The int64 product has tcnn's uint32 product as its low 32 bits; masking each term before the XOR
+    # equals masking the XOR, and `% T` is that mask because T = 2^log2_hashmap_size.
+    h = cell * gt.strides
+    pairs = torch.stack((h & plan.hash_mask, (h + gt.strides) & plan.hash_mask), dim=2).to(plan.index_dtype)
+    # Hashed tables are consecutive and exactly T long, so offset_l = k*T with hash < T: adding it to the
+    # dim-0 term before the XOR sets bits the hash never touches (saves a pass over [Lg, C, n]).
+    pairs[:, 0] += gt.offsets
+    return _outer(pairs, torch.bitwise_xor)
+
+
 def _corner_weights(frac: Tensor) -> Tensor:
-    """frac: [N, L, D] -> N-linear corner weights [N, L, 2^D]."""
-    return _outer_pairs([torch.stack((1.0 - f, f), dim=-1) for f in frac.unbind(-1)], "mul")
+    """frac: [Lg, D, n] -> N-linear corner weights [Lg, 2^D, n] (same corner order as `_corner_indices`)."""
+    return _outer(torch.stack((1.0 - frac, frac), dim=2), torch.mul)
 
 
-def _corner_indices(cell: Tensor, tables: _GridTables) -> Tensor:
-    """cell: [N, L, D] int64 -> global table entry of every corner, [N, L, 2^D] int64."""
-    parts: list[Tensor] = []
-    nd = tables.n_dense
-    if nd > 0:
-        base = (cell[:, :nd] * tables.dense_strides).sum(-1, keepdim=True)  # [N, Ld, 1]
-        idx = torch.remainder(base + tables.dense_corner_offsets, tables.dense_table_sizes)
-        parts.append(idx + tables.dense_offsets)
-    if nd < cell.shape[1]:
-        hcell = cell[:, nd:]
-        pairs = []
-        for d, prime in enumerate(_TCNN_PRIMES[: cell.shape[-1]]):
-            h = hcell[..., d] * prime if prime != 1 else hcell[..., d]
-            pairs.append(torch.stack((h, h + prime), dim=-1))
-        # XOR of the products in int64 has the same low 32 bits as tcnn's uint32 arithmetic, and the table
-        # is a power of two, so `% T` is the low log2(T) bits.
-        parts.append((_outer_pairs(pairs, "xor") & tables.hash_mask) + tables.hashed_offsets)
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+def _frac_view(frac_d: Tensor, n_corner_axes: int, n_trailing: int) -> Tensor:
+    """frac_d: [Lg, n] -> [Lg, 1 (x n_corner_axes), n, 1 (x n_trailing)] for broadcasting."""
+    shape = (frac_d.shape[0], *([1] * n_corner_axes), frac_d.shape[1], *([1] * n_trailing))
+    return frac_d.view(shape)
 
 
-def _encode(x: Tensor, table: Tensor, tables: _GridTables) -> Tensor:
-    """x: [N, D], table: [n_entries, F] -> features [N, L*F]."""
-    cell, frac = _cells_and_fracs(x, tables.scales)
-    idx = _corner_indices(cell, tables)  # [N, L, C]
-    w = _corner_weights(frac)  # [N, L, C]
-    n, n_levels, n_corners = idx.shape
-    vals = table.index_select(0, idx.view(-1)).view(n, n_levels, n_corners, -1)
-    return (vals * w.unsqueeze(-1)).sum(2).view(n, -1)
+def _encode_chunk(x: Tensor, entries: Tensor, plan: _Plan, out: Tensor) -> None:
+    """x: [n, D], entries: see `_entries`; writes the features into out: [n, L, F]."""
+    n, n_dims = x.shape
+    n_trailing = entries.dim() - 1
+    for group in plan.groups:
+        gt = _group_tensors(group, n_dims, plan.index_dtype, x.device)
+        cell, frac = _coords(x, gt, out.dtype)
+        idx = _corner_indices(cell, group, gt, plan)  # [Lg, C, n]
+        vals = entries[group.first_entry :].index_select(0, idx.view(-1))
+        vals = vals.view(group.stop - group.start, *([2] * n_dims), n, *entries.shape[1:])
+        # N-linear interpolation as a tree of lerps (last dim first): C - 1 lerps, no explicit corner
+        # weights; equal to tcnn's weighted corner sum up to float32 rounding.
+        for d in reversed(range(n_dims)):
+            lo, hi = vals.select(1 + d, 0), vals.select(1 + d, 1)
+            vals = lo + (hi - lo) * _frac_view(frac[:, d], d, n_trailing)
+        out[:, group.start : group.stop] = _as_real(vals, plan.n_features).transpose(0, 1)
 
 
-def _encode_backward(
-    x: Tensor, table: Tensor, grad_out: Tensor, tables: _GridTables, need_x: bool, need_params: bool
-) -> tuple[Tensor | None, Tensor | None]:
-    """Gradients of `_encode` w.r.t. x [N, D] and table [n_entries, F], given grad_out [N, L*F].
+def _backward_chunk(
+    x: Tensor, entries: Tensor, grad_out: Tensor, plan: _Plan, grad_entries: Tensor | None, need_x: bool
+) -> Tensor | None:
+    """Backward of `_encode_chunk` for x: [n, D] and grad_out: [n, L*F].
 
-    Written with differentiable torch ops only, so a second backward (e.g. through analytic normals)
-    works when autograd asks for it (create_graph=True).
+    Adds dL/d(entries) into grad_entries (shaped like entries) when given; returns dL/dx [n, D] when
+    need_x. Only differentiable torch ops are used, so a second backward (e.g. through analytic normals)
+    works when autograd records this one (create_graph=True).
     """
-    cell, frac = _cells_and_fracs(x, tables.scales)
-    idx = _corner_indices(cell, tables)
-    n, n_levels, n_corners = idx.shape
-    g = grad_out.view(n, n_levels, 1, -1)  # [N, L, 1, F]
-    grad_table = grad_x = None
-    if need_params:
-        w = _corner_weights(frac)
-        contrib = (g * w.unsqueeze(-1)).view(n * n_levels * n_corners, -1)
-        grad_table = torch.zeros_like(table).index_add(0, idx.view(-1), contrib)
-    if need_x:
-        vals = table.index_select(0, idx.view(-1)).view(n, n_levels, n_corners, -1)
-        gv = (vals * g).sum(-1)  # [N, L, C]: dL/d(weight of corner c)
-        n_dims = x.shape[-1]
-        gv = gv.view(n, n_levels, *([2] * n_dims))
-        fracs = frac.unbind(-1)
-        cols = []
-        for d in range(n_dims):
-            # d weight_c / d frac_d = (+1 upper, -1 lower corner along d) * (weights of the other dims):
-            # difference along d, then N-linear interpolation over the remaining D-1 dims (last first).
-            t = gv.select(2 + d, 1) - gv.select(2 + d, 0)
-            for e in reversed([e for e in range(n_dims) if e != d]):
-                lo, hi = t.select(-1, 0), t.select(-1, 1)
-                t = torch.lerp(lo, hi, fracs[e].view(n, n_levels, *([1] * (lo.dim() - 2))))
-            cols.append((t * tables.scales).sum(-1))  # d pos / d x = scale_l
-        grad_x = torch.stack(cols, dim=-1)
-    return grad_x, grad_table
+    n, n_dims = x.shape
+    n_features = plan.n_features
+    # Level-major copy of grad_out ([L, n] complex or [L, n, F]): contiguous rows keep the products below
+    # plain vector ops (a strided operand is several times slower).
+    g_all = grad_out.view(n, plan.n_levels, n_features).transpose(0, 1).contiguous()
+    if n_features == 2:
+        g_all = torch.view_as_complex(g_all)
+    grad_x: Tensor | None = None
+    for group in plan.groups:
+        gt = _group_tensors(group, n_dims, plan.index_dtype, x.device)
+        cell, frac = _coords(x, gt, grad_out.dtype)
+        idx = _corner_indices(cell, group, gt, plan).view(-1)
+        g = g_all[group.start : group.stop].unsqueeze(1)  # [Lg, 1, n] complex or [Lg, 1, n, F]
+        if grad_entries is not None:
+            w = _corner_weights(frac)  # [Lg, C, n]
+            contrib = w * g if n_features == 2 else w.unsqueeze(-1) * g
+            grad_entries[group.first_entry :].index_add_(0, idx, contrib.view(-1, *entries.shape[1:]))
+        if need_x:
+            n_lv = group.stop - group.start
+            vals = entries[group.first_entry :].index_select(0, idx)
+            vals = _as_real(vals, n_features).view(n_lv, -1, n, n_features)
+            gv = (vals * _as_real(g, n_features)).sum(-1)  # dL/d(weight of each corner), [Lg, C, n]
+            gv = gv.view(n_lv, *([2] * n_dims), n)
+            cols = []
+            for d in range(n_dims):
+                # d weight_c / d frac_d = (+1 upper, -1 lower corner along d) * (weights of the other
+                # dims): difference along d, then interpolate over the remaining dims (last first).
+                t = gv.select(1 + d, 1) - gv.select(1 + d, 0)
+                for e in reversed([e for e in range(n_dims) if e != d]):
+                    k = t.dim() - 2  # the last remaining corner axis
+                    lo, hi = t.select(k, 0), t.select(k, 1)
+                    t = lo + (hi - lo) * _frac_view(frac[:, e], k - 1, 0)
+                cols.append((t * gt.scales.view(n_lv, 1).to(t.dtype)).sum(0))  # d pos / d x = scale_l
+            term = torch.stack(cols, dim=1)
+            grad_x = term if grad_x is None else grad_x + term
+    return grad_x
 
 
 class _HashGridFunction(torch.autograd.Function):
-    """Saves only x and the table; indices and weights are recomputed in backward (memory ~ O(N*D))."""
+    """Saves only x and params; indices and weights are recomputed in backward (memory O(N * D))."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, table: Tensor, tables: _GridTables) -> Tensor:
-        ctx.save_for_backward(x, table)
-        ctx.tables = tables
-        return _encode(x, table, tables)
+    def forward(ctx: Any, x: Tensor, params: Tensor, plan: _Plan) -> Tensor:
+        ctx.save_for_backward(x, params)
+        ctx.plan = plan
+        entries = _entries(params, plan.n_features)
+        out = params.new_empty(x.shape[0], plan.n_levels, plan.n_features)
+        for start in range(0, x.shape[0], plan.chunk_size):
+            stop = start + plan.chunk_size
+            _encode_chunk(x[start:stop], entries, plan, out[start:stop])
+        return out.view(x.shape[0], -1)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        x, table = ctx.saved_tensors
-        grad_x, grad_table = _encode_backward(
-            x, table, grad_out.contiguous(), ctx.tables, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        )
-        return grad_x, grad_table, None
+        x, params = ctx.saved_tensors
+        plan: _Plan = ctx.plan
+        need_x, need_params = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        entries = _entries(params, plan.n_features)
+        grad_entries = torch.zeros_like(entries) if need_params else None
+        grad_x_chunks = []
+        for start in range(0, x.shape[0], plan.chunk_size):
+            stop = start + plan.chunk_size
+            gx = _backward_chunk(x[start:stop], entries, grad_out[start:stop], plan, grad_entries, need_x)
+            if gx is not None:
+                grad_x_chunks.append(gx)
+        grad_x = None
+        if need_x:
+            grad_x = torch.cat(grad_x_chunks) if grad_x_chunks else torch.zeros_like(x)
+        grad_params = None
+        if grad_entries is not None:
+            grad_params = _as_real(grad_entries, plan.n_features).reshape(-1)
+        return grad_x, grad_params, None
 
 
 class HashGridEncoding(nn.Module):
@@ -228,6 +359,7 @@ class HashGridEncoding(nn.Module):
         per_level_scale: resolution growth factor between levels (>= 1).
         backend: "torch" (reference, any device) or "tcnn" (tinycudann CUDA kernels, same parameters).
         check_inputs: validate x's shape, dtype and range on every call (one min/max reduction).
+        chunk_size: points processed together by the torch backend (bounds temporary memory).
     """
 
     def __init__(
@@ -240,6 +372,7 @@ class HashGridEncoding(nn.Module):
         per_level_scale: float,
         backend: Backend = "torch",
         check_inputs: bool = True,
+        chunk_size: int = _DEFAULT_CHUNK,
     ) -> None:
         super().__init__()
         if not 1 <= n_input_dims <= len(_TCNN_PRIMES):
@@ -253,10 +386,9 @@ class HashGridEncoding(nn.Module):
         if base_resolution < 1:
             raise ValueError(f"base_resolution must be >= 1, got {base_resolution}")
         if not per_level_scale >= 1.0:
-            raise ValueError(
-                f"per_level_scale must be >= 1 (levels get finer), got {per_level_scale}; "
-                "reverse the level order outside the encoding if you need coarser levels"
-            )
+            raise ValueError(f"per_level_scale must be >= 1 (each level at least as fine as the last), got {per_level_scale}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         if backend not in ("torch", "tcnn"):
             raise ValueError(f"backend must be 'torch' or 'tcnn', got {backend!r}")
 
@@ -276,42 +408,11 @@ class HashGridEncoding(nn.Module):
         self.n_params: int = layout.level_offsets[-1] * n_features_per_level
         self.n_output_dims: int = n_levels * n_features_per_level
 
-        n_dense = sum(1 for h in layout.hashed if not h)
-        if any(layout.hashed[:n_dense]):  # guaranteed by per_level_scale >= 1; guards the kernel's split
-            raise AssertionError("dense levels must precede hashed levels")
-        self._n_dense = n_dense
         self.params = nn.Parameter(torch.empty(self.n_params).uniform_(-_TCNN_INIT_RANGE, _TCNN_INIT_RANGE))
-        self._register_tables(layout)
+        self._plan = _make_plan(layout, n_input_dims, n_features_per_level, log2_hashmap_size, chunk_size)
         self._tcnn: Any = None
         if backend == "tcnn":
             self._tcnn = self._make_tcnn()
-
-    def _register_tables(self, layout: GridLayout) -> None:
-        """Non-persistent buffers (so the state dict holds only `params`, like tcnn's)."""
-        nd, d = self._n_dense, self.n_input_dims
-        bits = torch.tensor(_corner_bits(d), dtype=torch.int64)  # [C, D]
-        res = torch.tensor(layout.resolutions[:nd], dtype=torch.int64)
-        strides = res.unsqueeze(-1) ** torch.arange(d).unsqueeze(0)  # [Ld, D]
-        sizes = torch.tensor(layout.table_sizes, dtype=torch.int64)
-        offsets = torch.tensor(layout.level_offsets[:-1], dtype=torch.int64)
-        self.register_buffer("_scales", torch.tensor(layout.scales, dtype=torch.float32), persistent=False)
-        self.register_buffer("_dense_corner_offsets", strides @ bits.T, persistent=False)
-        self.register_buffer("_dense_strides", strides, persistent=False)
-        self.register_buffer("_dense_table_sizes", sizes[:nd, None].clone(), persistent=False)
-        self.register_buffer("_dense_offsets", offsets[:nd, None].clone(), persistent=False)
-        self.register_buffer("_hashed_offsets", offsets[nd:, None].clone(), persistent=False)
-
-    def _tables(self, dtype: torch.dtype) -> _GridTables:
-        return _GridTables(
-            scales=self._scales.to(dtype),
-            n_dense=self._n_dense,
-            dense_corner_offsets=self._dense_corner_offsets,
-            dense_strides=self._dense_strides,
-            dense_table_sizes=self._dense_table_sizes,
-            dense_offsets=self._dense_offsets,
-            hashed_offsets=self._hashed_offsets,
-            hash_mask=(1 << self.log2_hashmap_size) - 1,
-        )
 
     def _make_tcnn(self) -> Any:
         try:
@@ -367,8 +468,7 @@ class HashGridEncoding(nn.Module):
         if self._tcnn is not None:
             return self._forward_tcnn(x)
         dtype = self.params.dtype
-        table = self.params.view(-1, self.n_features_per_level)
-        return _HashGridFunction.apply(x.to(dtype).contiguous(), table, self._tables(dtype))
+        return _HashGridFunction.apply(x.to(dtype).contiguous(), self.params, self._plan)
 
     def _forward_tcnn(self, x: Tensor) -> Tensor:
         if not (x.is_cuda and self.params.is_cuda):

@@ -41,9 +41,19 @@ def resolve_dtype(device: torch.device | str, dtype: torch.dtype | None) -> torc
         if dtype not in _DTYPES.values():
             raise ValueError(f"dtype must be one of float32/float16/bfloat16, got {dtype}")
         if device.type == "cpu" and dtype == torch.float16:
-            raise ValueError("dtype=float16 on the CPU is not supported (slow or missing kernels); use float32")
+            raise ValueError(
+                "dtype=float16 on the CPU is not supported (slow or missing kernels); use float32"
+            )
         return dtype
     return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def frozen(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`module` in eval mode with gradients off, its floating parameters cast to `dtype` only if needed
+    (diffusers warns on every `.to(dtype)` call, even a no-op one)."""
+    if any(p.is_floating_point() and p.dtype != dtype for p in module.parameters()):
+        module = module.to(dtype)
+    return module.eval().requires_grad_(False)
 
 
 class Placement:
@@ -54,7 +64,9 @@ class Placement:
     offloaded: the SDS loss is backpropagated through its encoder after the prior's call has returned.
     """
 
-    def __init__(self, device: torch.device | str, offload: bool, storage: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, device: torch.device | str, offload: bool, storage: torch.device | str = "cpu"
+    ) -> None:
         self.device = torch.device(device)
         self.storage = torch.device(storage)
         self.offload = offload and self.device != self.storage

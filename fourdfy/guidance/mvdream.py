@@ -32,7 +32,7 @@ from diffusers import AutoencoderKL
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from fourdfy.guidance.base import GuidanceOut, sds_loss
-from fourdfy.guidance.memory import Placement, encode_latents, resolve_dtype
+from fourdfy.guidance.memory import Placement, encode_latents, frozen, resolve_dtype
 from fourdfy.guidance.noise import scaled_linear_alphas_cumprod
 from fourdfy.guidance.text import PromptEncoder, ViewPromptConfig, view_direction
 from fourdfy.guidance.weights import (
@@ -43,6 +43,7 @@ from fourdfy.guidance.weights import (
     load_vae,
     locate_pretrained,
     resolve_checkpoint_file,
+    resolve_together,
 )
 from fourdfy.models.mvdream_unet import MultiViewUNet, load_mvdream_unet
 from fourdfy.render.cameras import Cameras, mvdream_camera
@@ -70,7 +71,8 @@ class Ramp:
     def __post_init__(self) -> None:
         if self.end_step <= self.start_step:
             raise ValueError(
-                f"Ramp needs end_step > start_step, got start_step={self.start_step}, end_step={self.end_step}"
+                f"Ramp needs end_step > start_step, got start_step={self.start_step}, "
+                f"end_step={self.end_step}"
             )
 
     def __call__(self, step: int) -> float:
@@ -89,7 +91,7 @@ class MVDreamConfig:
     checkpoint_file: str = MVDREAM_FILE
     # Diffusers-layout model providing vae/, text_encoder/, tokenizer/ (SD 2.1-base; see module docstring).
     components_model: str = SD21_BASE
-    # MultiViewUNet arguments; None = the official sd-v2.1-base-4view config (mvdream/configs/sd-v2-base.yaml).
+    # MultiViewUNet arguments; None = the official sd-v2.1-base-4view config (MVDream sd-v2-base.yaml).
     unet_config: dict[str, Any] | None = None
     # Allow arbitrary pickled objects when reading a .pt checkpoint (only for files you trust).
     trust_pickle: bool = False
@@ -111,7 +113,8 @@ class MVDreamConfig:
     min_step_percent: Ramp = field(default_factory=lambda: Ramp(0, 0.98, 0.02, 8000))
     # t_max / 1000: guidance_multi_view.max_step_percent [0, 0.98, 0.50, 8000].
     max_step_percent: Ramp = field(default_factory=lambda: Ramp(0, 0.98, 0.50, 8000))
-    # x̂0-reconstruction loss (guidance_multi_view.recon_loss = true); False = plain SDS, w = 1 − ᾱ (paper Eq. 3).
+    # x̂0-reconstruction loss (guidance_multi_view.recon_loss = true); False = plain SDS with w = 1 − ᾱ
+    # (paper Eq. 3).
     recon_loss: bool = True
     # Blend of the std-rescaled x̂0 (guidance_multi_view.recon_std_rescale = 0.5); 0 disables the rescale.
     recon_std_rescale: float = 0.5
@@ -160,14 +163,16 @@ class MVDreamGuidance:
         if cfg.n_views < 1:
             raise ValueError(f"MVDreamConfig.n_views must be >= 1, got {cfg.n_views}")
         if not 0.0 <= cfg.recon_std_rescale <= 1.0:
-            raise ValueError(f"MVDreamConfig.recon_std_rescale must be in [0, 1], got {cfg.recon_std_rescale}")
+            raise ValueError(
+                f"MVDreamConfig.recon_std_rescale must be in [0, 1], got {cfg.recon_std_rescale}"
+            )
         self.cfg = cfg
         self.device = torch.device(device)
         self.dtype = resolve_dtype(self.device, dtype)
         self.placement = Placement(self.device, cfg.offload)
-        self.unet = self.placement.home(models.unet.to(self.dtype).eval().requires_grad_(False))
+        self.unet = self.placement.home(frozen(models.unet, self.dtype))
         # The VAE is in the autograd graph that the caller back-propagates after __call__: never offloaded.
-        self.vae = models.vae.to(self.device, self.dtype).eval().requires_grad_(False)
+        self.vae = frozen(models.vae, self.dtype).to(self.device)
         if cfg.vae_gradient_checkpointing:
             self.vae.enable_gradient_checkpointing()
         self.text = PromptEncoder(models.tokenizer, models.text_encoder, self.placement, self.dtype)
@@ -189,11 +194,15 @@ class MVDreamGuidance:
     ) -> MVDreamGuidance:
         """Load the weights named by `cfg` (hub ids or local paths; see weights.py) and build the prior."""
         weights_dtype = resolve_dtype(device, dtype)
-        # Resolve both sources before loading anything, so a missing model fails at once.
-        ckpt = resolve_checkpoint_file(cfg.checkpoint, cfg.checkpoint_file, f"{config_key}.checkpoint")
+        # Resolve both sources before loading anything, so missing models fail at once, together.
         key = f"{config_key}.components_model"
-        loc = locate_pretrained(cfg.components_model, key, ("vae", "text_encoder", "tokenizer"))
-        unet = load_mvdream_unet(ckpt, config=cfg.unet_config, dtype=weights_dtype, trust_pickle=cfg.trust_pickle)
+        ckpt, loc = resolve_together(
+            lambda: resolve_checkpoint_file(cfg.checkpoint, cfg.checkpoint_file, f"{config_key}.checkpoint"),
+            lambda: locate_pretrained(cfg.components_model, key, ("vae", "text_encoder", "tokenizer")),
+        )
+        unet = load_mvdream_unet(
+            ckpt, config=cfg.unet_config, dtype=weights_dtype, trust_pickle=cfg.trust_pickle
+        )
         tokenizer, text_encoder = load_text_encoder(loc, key, weights_dtype)
         models = MVDreamModels(unet, load_vae(loc, key, weights_dtype), tokenizer, text_encoder)
         return cls(cfg, models, device=device, dtype=dtype, seed=seed)
@@ -215,13 +224,13 @@ class MVDreamGuidance:
         b, h, w, _ = renders.shape
         if b == 0 or b % self.n_views:
             raise ValueError(
-                f"renders: MVDream needs a multiple of n_views={self.n_views} views (the views of each object "
-                f"consecutive), got B={b}"
+                f"renders: MVDream needs a multiple of n_views={self.n_views} views (the views of each "
+                f"object consecutive), got B={b}"
             )
         if h != w or h not in self.cfg.render_sizes:
             raise ValueError(
-                f"renders: MVDream takes square renders of a size in render_sizes={tuple(self.cfg.render_sizes)}, "
-                f"got {h}x{w}"
+                "renders: MVDream takes square renders of a size in "
+                f"render_sizes={tuple(self.cfg.render_sizes)}, got {h}x{w}"
             )
         if len(cameras) != b:
             raise ValueError(f"cameras: need one camera per render ({b}), got {len(cameras)}")
@@ -229,7 +238,7 @@ class MVDreamGuidance:
             raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
 
     def encode(self, renders: torch.Tensor) -> torch.Tensor:
-        """renders [B, H, W, 3] in [0, 1] -> latents [B, 4, image_size/8, image_size/8] float32 (differentiable)."""
+        """renders [B, H, W, 3] in [0, 1] -> latents [B, 4, image_size/8, image_size/8] fp32 (with grad)."""
         x = renders.permute(0, 3, 1, 2).to(self.device, torch.float32)
         x = F.interpolate(x, (self.cfg.image_size,) * 2, mode="bilinear", align_corners=False)
         return encode_latents(self.vae, x, self.generator if self.cfg.sample_posterior else None)
@@ -253,7 +262,9 @@ class MVDreamGuidance:
         """The loss on VAE latents [B, 4, h, w] (B = k·n_views); `t` / `noise` override the random draws."""
         b = latents.shape[0]
         if b % self.n_views or len(cameras) != b:
-            raise ValueError(f"latents: B={b} must be a multiple of n_views={self.n_views} with one camera each")
+            raise ValueError(
+                f"latents: B={b} must be a multiple of n_views={self.n_views} with one camera each"
+            )
         t_min, t_max = self.timestep_range(step)
         if t is None:
             t = int(torch.randint(t_min, t_max + 1, (1,), generator=self.generator))
@@ -311,7 +322,9 @@ class MVDreamGuidance:
         r = self.cfg.recon_std_rescale
         return r * adjusted + (1.0 - r) * x0_cfg
 
-    def finetune_step(self, renders: torch.Tensor, prompt: str, cameras: Cameras, step: int) -> dict[str, float]:
+    def finetune_step(
+        self, renders: torch.Tensor, prompt: str, cameras: Cameras, step: int
+    ) -> dict[str, float]:
         """MVDream has no trainable state."""
         return {}
 

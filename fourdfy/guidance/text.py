@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fourdfy.guidance.memory import Placement
+from fourdfy.guidance.memory import Placement, frozen
 
 # Direction order and suffixes: threestudio PromptProcessor.configure (view_dependent_prompt_front=False).
 DIRECTION_SUFFIXES: tuple[str, ...] = (", side view", ", front view", ", back view", ", overhead view")
@@ -55,17 +55,19 @@ class PromptEncoder:
     has not seen; embeddings are kept in `dtype` on `placement.device`.
     """
 
-    def __init__(self, tokenizer: object, text_encoder: nn.Module, placement: Placement, dtype: torch.dtype) -> None:
+    def __init__(
+        self, tokenizer: object, text_encoder: nn.Module, placement: Placement, dtype: torch.dtype
+    ) -> None:
         self.tokenizer = tokenizer
-        self.text_encoder = placement.home(text_encoder.to(dtype))
+        self.text_encoder = placement.home(frozen(text_encoder, dtype))
         self.placement = placement
         self.dtype = dtype
         self.max_length: int = int(getattr(tokenizer, "model_max_length", 77))  # CLIP: 77 tokens
         self._cache: dict[str, torch.Tensor] = {}
 
     def check_length(self, prompt: str) -> None:
-        """Raise ValueError if `prompt` tokenises to more tokens (start/end included) than the encoder takes."""
-        n = len(self.tokenizer(prompt, truncation=False)["input_ids"])  # type: ignore[operator]
+        """Raise ValueError if `prompt` has more tokens (start/end included) than the encoder takes."""
+        n = len(self.tokenizer(prompt, truncation=False, verbose=False)["input_ids"])  # type: ignore[operator]
         if n > self.max_length:
             raise ValueError(
                 f"prompt {prompt!r} is {n} tokens long (start/end tokens included) but the CLIP text encoder "
@@ -75,7 +77,7 @@ class PromptEncoder:
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:
-        """Embeddings of `prompts`: [N, 77, C] in `dtype` on the compute device; new prompts are encoded once."""
+        """Embeddings [N, 77, C] of `prompts` in `dtype` on the compute device; new prompts encoded once."""
         new = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         if new:
             for p in new:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet3DConditionModel
@@ -30,21 +32,23 @@ SD21_BASE = "stabilityai/stable-diffusion-2-1-base"  # guidance.pretrained_model
 SD21 = "stabilityai/stable-diffusion-2-1"  # guidance.pretrained_model_name_or_path_lora (v-prediction)
 ZEROSCOPE = "cerspense/zeroscope_v2_576w"  # guidance_video.pretrained_model_name_or_path
 
-# One file per subfolder that proves the subfolder is there (the hub repos' own layout).
-_MARKER_FILES: dict[str, str] = {
-    "unet": "config.json",
-    "vae": "config.json",
-    "text_encoder": "config.json",
-    "tokenizer": "vocab.json",
-    "scheduler": "scheduler_config.json",
+# Files that prove a subfolder is there (the hub repos' own layout); any one of each tuple will do
+# (a tokenizer saved by transformers 5 has tokenizer.json instead of vocab.json + merges.txt).
+_MARKER_FILES: dict[str, tuple[str, ...]] = {
+    "unet": ("config.json",),
+    "vae": ("config.json",),
+    "text_encoder": ("config.json",),
+    "tokenizer": ("vocab.json", "tokenizer.json"),
+    "scheduler": ("scheduler_config.json",),
 }
 _LAYOUT_HELP: dict[str, str] = {
     "unet": "unet/ (config.json + diffusion_pytorch_model.safetensors)",
     "vae": "vae/ (config.json + diffusion_pytorch_model.safetensors)",
     "text_encoder": "text_encoder/ (config.json + model.safetensors)",
-    "tokenizer": "tokenizer/ (vocab.json + merges.txt)",
+    "tokenizer": "tokenizer/ (vocab.json + merges.txt, or tokenizer.json)",
     "scheduler": "scheduler/ (scheduler_config.json)",
 }
+T = TypeVar("T")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+$")
 
 
@@ -53,12 +57,14 @@ class ModelNotAvailableError(ValueError):
 
 
 def hub_offline() -> bool:
-    """True when the hub must not be contacted (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE set now or at import)."""
+    """True when the hub must not be contacted (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE, now or at import)."""
     now = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
     return hub_constants.HF_HUB_OFFLINE or now.strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def _unavailable(config_key: str, value: str, reason: str, layout: str, hub_hint: str) -> ModelNotAvailableError:
+def _unavailable(
+    config_key: str, value: str, reason: str, layout: str, hub_hint: str
+) -> ModelNotAvailableError:
     return ModelNotAvailableError(
         f"{config_key} = {value!r} is not available: {reason}.\n"
         f"Fix: set {config_key} to a local copy laid out as {layout}, or {hub_hint}."
@@ -66,17 +72,37 @@ def _unavailable(config_key: str, value: str, reason: str, layout: str, hub_hint
 
 
 def _hub_hint(value: str) -> str:
+    if not _HUB_ID.match(value):
+        return "name a hub repo id (owner/name)"
     return (
-        f"put the hub repo in the local cache ({hub_constants.HF_HUB_CACHE}) on a machine with internet "
-        f"(`hf download {value}`) or run without HF_HUB_OFFLINE=1"
-        if _HUB_ID.match(value)
-        else "name a hub repo id (owner/name)"
+        f"fill the hub cache ({hub_constants.HF_HUB_CACHE}) with `hf download {value}` where there is "
+        "internet, "
+        "or run without HF_HUB_OFFLINE=1"
     )
+
+
+def resolve_together(*resolvers: Callable[[], T]) -> list[T]:
+    """Run every resolver; if any raise ModelNotAvailableError, raise one error listing all of them.
+
+    So a run with several missing models says so once, not one model per attempt.
+    """
+    results: list[T] = []
+    errors: list[str] = []
+    for resolve in resolvers:
+        try:
+            results.append(resolve())
+        except ModelNotAvailableError as err:
+            errors.append(str(err))
+    if len(errors) == 1:
+        raise ModelNotAvailableError(errors[0])
+    if errors:
+        raise ModelNotAvailableError(f"{len(errors)} models are not available:\n\n" + "\n\n".join(errors))
+    return results
 
 
 @dataclass(frozen=True)
 class PretrainedLocation:
-    """Where `from_pretrained` should look: a local folder or a hub id, and whether only local files may be used."""
+    """Where `from_pretrained` looks (a local folder or a hub id) and whether only local files may be used."""
 
     name_or_path: str
     local_files_only: bool
@@ -92,20 +118,26 @@ def locate_pretrained(value: str, config_key: str, subfolders: tuple[str, ...]) 
     layout = "a folder with " + ", ".join(_LAYOUT_HELP[s] for s in subfolders)
     path = Path(value).expanduser()
     if path.is_dir():
-        missing = [f"{s}/{_MARKER_FILES[s]}" for s in subfolders if not (path / s / _MARKER_FILES[s]).is_file()]
+        missing = [
+            f"{s}/{_MARKER_FILES[s][0]}"
+            for s in subfolders
+            if not any((path / s / name).is_file() for name in _MARKER_FILES[s])
+        ]
         if missing:
             raise _unavailable(
                 config_key, value, f"the folder {path} lacks {', '.join(missing)}", layout, _hub_hint(value)
             )
         return PretrainedLocation(str(path), local_files_only=True)
     if not _HUB_ID.match(value):
-        raise _unavailable(config_key, value, "no such local folder, and it is not a hub id", layout, _hub_hint(value))
+        raise _unavailable(
+            config_key, value, "no such local folder, and it is not a hub id", layout, _hub_hint(value)
+        )
     if not hub_offline():
         return PretrainedLocation(value, local_files_only=False)
     missing = [
-        f"{s}/{_MARKER_FILES[s]}"
+        f"{s}/{_MARKER_FILES[s][0]}"
         for s in subfolders
-        if not isinstance(try_to_load_from_cache(value, f"{s}/{_MARKER_FILES[s]}"), str)
+        if not any(isinstance(try_to_load_from_cache(value, f"{s}/{name}"), str) for name in _MARKER_FILES[s])
     ]
     if missing:
         raise _unavailable(
@@ -118,7 +150,9 @@ def locate_pretrained(value: str, config_key: str, subfolders: tuple[str, ...]) 
     return PretrainedLocation(value, local_files_only=True)
 
 
-def _load_error(config_key: str, loc: PretrainedLocation, subfolder: str, err: Exception) -> ModelNotAvailableError:
+def _load_error(
+    config_key: str, loc: PretrainedLocation, subfolder: str, err: Exception
+) -> ModelNotAvailableError:
     return ModelNotAvailableError(
         f"{config_key} = {loc.name_or_path!r}: loading {subfolder}/ failed ({type(err).__name__}: {err}).\n"
         f"Fix: point {config_key} at a complete copy with {_LAYOUT_HELP[subfolder]}."
@@ -227,10 +261,17 @@ def resolve_checkpoint_file(value: str, filename: str, config_key: str) -> Path:
     if path.is_dir():
         if (path / filename).is_file():
             return path / filename
-        raise _unavailable(config_key, value, f"the folder {path} has no {filename}", layout, _hub_hint(value))
+        raise _unavailable(
+            config_key, value, f"the folder {path} has no {filename}", layout, _hub_hint(value)
+        )
     if not _HUB_ID.match(value):
-        raise _unavailable(config_key, value, "no such local file or folder, and it is not a hub id", layout,
-                           _hub_hint(value))
+        raise _unavailable(
+            config_key,
+            value,
+            "no such local file or folder, and it is not a hub id",
+            layout,
+            _hub_hint(value),
+        )
     offline = hub_offline()
     try:
         return Path(hf_hub_download(value, filename, local_files_only=offline))

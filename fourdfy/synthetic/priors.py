@@ -21,8 +21,12 @@ real priors. Images live in pixel space scaled to [-1, 1]; there is no VAE.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from dataclasses import dataclass, field
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -164,6 +168,31 @@ def _check_weighting(name: str, weighting: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # Data
 
+# Bump when the scenes or the renderer change what the data sets contain (invalidates the cache).
+DATA_VERSION = 1
+
+
+def _cached(kind: str, key: dict[str, Any], make) -> Any:
+    """Rendered data sets are cached on disk (FOURDFY_CACHE, default ~/.cache/fourdfy): every job of a
+    sweep renders the same toy data, which costs more than a short run. Written atomically."""
+    root = Path(os.environ.get("FOURDFY_CACHE", Path.home() / ".cache" / "fourdfy"))
+    digest = hashlib.sha256(json.dumps({"v": DATA_VERSION, **key}, sort_keys=True, default=str).encode())
+    path = root / f"toy_{kind}_{digest.hexdigest()[:16]}.pt"
+    if path.exists():
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception:  # a corrupt cache entry is rebuilt, never trusted
+            path.unlink(missing_ok=True)
+    value = make()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        torch.save(value, tmp)
+        os.replace(tmp, path)
+    except OSError:  # a read-only home is no reason to fail a run
+        pass
+    return value
+
 
 def _to_signed(rgb: torch.Tensor) -> torch.Tensor:
     """[..., 3] in [0,1] -> [-1,1]."""
@@ -219,7 +248,8 @@ def build_image_banks(size: int, cfg: ToyDataConfig, blur_sigmas: list[float]) -
     """Render every scene once at t = 0 and return one bank per blur level."""
     cams = _ring_cameras(cfg.elevations_deg, cfg.azimuth_step_deg, cfg)
     times = torch.zeros(len(cams))
-    sharp = {s.prompt: render_scene(s, cams, times, size, cfg)["rgb"] for s in SCENES}
+    sharp = _cached("images", {"size": size, "data": asdict(cfg)},
+                    lambda: {s.prompt: render_scene(s, cams, times, size, cfg)["rgb"] for s in SCENES})
     dirs = camera_directions(cams)
     return [
         ImageBank({p: _to_signed(_blur(img, sigma)).reshape(len(cams), -1) for p, img in sharp.items()}, dirs)
@@ -362,15 +392,21 @@ class ToyVideoPrior(_ClosedFormPrior):
         self.n_views = cfg.n_frames
         self.native_size = (cfg.size, cfg.size)
         cams = _ring_cameras(cfg.clip_elevations_deg, cfg.clip_azimuth_step_deg, data_cfg)
-        gain = torch.tensor(cfg.color_gain)
-        frames = torch.arange(cfg.n_frames) / cfg.n_frames
-        self.clips: dict[str, torch.Tensor] = {}
         dirs, starts = [], []
         for t0 in cfg.clip_starts:
             dirs.append(camera_directions(cams))
             starts.append(torch.full((len(cams),), t0))
         self.clip_dirs = torch.cat(dirs)  # [M, 3]
         self.clip_starts = torch.cat(starts)  # [M]
+        key = {"video": asdict(cfg), "data": asdict(data_cfg)}
+        self.clips = _cached("clips", key, lambda: self._render_clips(cams, data_cfg))
+
+    def _render_clips(self, cams: Cameras, data_cfg: ToyDataConfig) -> dict[str, torch.Tensor]:
+        """Every scene × clip start × camera: a [M, F·H·W·3] clip bank per prompt, start-major."""
+        cfg = self.cfg
+        gain = torch.tensor(cfg.color_gain)
+        frames = torch.arange(cfg.n_frames) / cfg.n_frames
+        clips = {}
         for scene in SCENES:
             per_start = []
             for t0 in cfg.clip_starts:
@@ -380,7 +416,8 @@ class ToyVideoPrior(_ClosedFormPrior):
                 rgb = render_scene(scene, cams[cam_idx], times, cfg.size, data_cfg)["rgb"]
                 rgb = (_blur(rgb, cfg.blur_sigma_px) * gain).clamp(0.0, 1.0)
                 per_start.append(_to_signed(rgb).reshape(len(cams), -1))
-            self.clips[scene.prompt] = torch.cat(per_start)
+            clips[scene.prompt] = torch.cat(per_start)
+        return clips
 
     def _log_kernel(self, cameras: Cameras, times: torch.Tensor, n_repeat: int) -> torch.Tensor:
         cam = camera_log_kernel(camera_directions(cameras[:1]), self.clip_dirs.repeat(n_repeat, 1),

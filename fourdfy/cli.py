@@ -1,0 +1,124 @@
+"""The ``fourdfy`` command (console script ``fourdfy = "fourdfy.cli:main"``).
+
+    fourdfy export RUN_DIR [--video] [--grid] [--mesh] [--glb] [--curves] [--out DIR] ...
+
+re-exports a run's outputs from its last valid checkpoint and its saved config.yaml, without training.
+With no output flag it writes all of them. Sizes and mesh settings default to the run's ``eval``
+config; the options below override them for this export only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from fourdfy.export.mesh import MESH_FORMATS, EmptyMeshError
+from fourdfy.export.video import OutputFolderError, ensure_writable_dir
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fourdfy", description="4D-fy: text-to-4D generation (tools).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    export = commands.add_parser(
+        "export", help="re-export videos, grid, meshes and curves of a run from its last checkpoint",
+        description="Re-export a run's outputs from its last checkpoint (no training). "
+                    "Without --video/--grid/--mesh/--glb/--curves, exports everything.",
+    )
+    export.add_argument("run_dir", type=Path, help="run directory (config.yaml + checkpoints/)")
+    export.add_argument("--video", action="store_true", help="orbit (mp4, captioned mp4, gif), static orbit, "
+                        "fixed view and depth videos")
+    export.add_argument("--grid", action="store_true", help="views×time grid PNG (paper Fig. 1)")
+    export.add_argument("--mesh", action="store_true", help="marching-cubes mesh per time step (PLY/OBJ)")
+    export.add_argument("--glb", action="store_true", help="one animated .glb playing the meshes in order")
+    export.add_argument("--curves", action="store_true", help="curves.png from log.jsonl (needs no checkpoint)")
+    export.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/renders)")
+    export.add_argument("--device", default=None, help="cpu or cuda (default: the run's device)")
+    export.add_argument("--threshold", type=float, default=None, help="mesh density iso-level (eval.mesh_threshold)")
+    export.add_argument("--resolution", type=int, default=None, help="marching-cubes grid points per side "
+                        "(eval.mesh_resolution)")
+    export.add_argument("--mesh-frames", type=int, default=None, help="time steps meshed (eval.mesh_frames)")
+    export.add_argument("--mesh-fps", type=float, default=None, help="frame rate of mesh.glb (eval.mesh_fps)")
+    export.add_argument("--format", dest="formats", action="append", choices=MESH_FORMATS, default=None,
+                        help="mesh file format, repeatable (eval.mesh_formats)")
+    return parser
+
+
+class CommandError(Exception):
+    """A problem with the user's input, reported as one line without a traceback."""
+
+
+def _device(requested: str) -> torch.device:
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CommandError(f"device {requested!r} requested but CUDA is not available; pass --device cpu")
+    return device
+
+
+def export(args: argparse.Namespace) -> list[Path]:
+    """Carry out ``fourdfy export``; returns the files written."""
+    from fourdfy.api import load_run, load_run_config
+    from fourdfy.export.curves import LOG_FILE, write_curves
+    from fourdfy.export.outputs import eval_renderer, export_grid, export_meshes, export_videos
+    from fourdfy.hybrid import HybridSchedule
+
+    run_dir: Path = args.run_dir
+    if not run_dir.is_dir():
+        raise CommandError(f"run directory {run_dir} does not exist")
+    wanted = {k: getattr(args, k) for k in ("video", "grid", "mesh", "glb", "curves")}
+    if not any(wanted.values()):
+        wanted = dict.fromkeys(wanted, True)
+    out = ensure_writable_dir(args.out if args.out is not None else run_dir / "renders")
+    written: list[Path] = []
+    needs_field = wanted["video"] or wanted["grid"] or wanted["mesh"] or wanted["glb"]
+    if needs_field:
+        try:
+            cfg, field, _, iteration = load_run(run_dir)
+        except FileNotFoundError as err:
+            raise CommandError(f"{err}; nothing to export from (train first: python run.py ...)") from err
+        # Field4D.blob_std is set by the schedule each iteration and not saved: restore the value of the
+        # last trained iteration (it changes during stage 3 when the blob is annealed).
+        field.blob_std = HybridSchedule(cfg.schedule).blob_std(max(iteration - 1, 0), cfg.field.heads.blob_std)
+        ev = cfg.eval
+        for name, value in (("mesh_threshold", args.threshold), ("mesh_resolution", args.resolution),
+                            ("mesh_frames", args.mesh_frames), ("mesh_fps", args.mesh_fps),
+                            ("mesh_formats", args.formats)):
+            if value is not None:
+                setattr(ev, name, value)
+        field = field.to(_device(args.device or cfg.device))
+        print(f"[fourdfy] exporting {run_dir} at iteration {iteration} to {out}")
+        renderer = eval_renderer(cfg)
+        if wanted["mesh"] or wanted["glb"]:  # first: a bad threshold fails before minutes of rendering
+            written += export_meshes(cfg, field, out, sequence=wanted["mesh"], glb=wanted["glb"])
+        if wanted["video"]:
+            written += export_videos(cfg, field, out, renderer).values()
+        if wanted["grid"]:
+            written.append(export_grid(cfg, field, out, renderer))
+    if wanted["curves"]:
+        if not (run_dir / LOG_FILE).exists():
+            raise CommandError(f"{run_dir / LOG_FILE} does not exist: no training log to plot")
+        written.append(write_curves(run_dir, out / "curves.png", title=load_run_config(run_dir).prompt))
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status (0: done, 1: bad input, reported on stderr)."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "export":
+            for path in export(args):
+                print(f"  wrote {path}")
+    except (CommandError, EmptyMeshError, OutputFolderError, FileNotFoundError) as err:
+        print(f"fourdfy {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except ValueError as err:  # a setting out of range (threshold, resolution, ...): the message names it
+        print(f"fourdfy {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

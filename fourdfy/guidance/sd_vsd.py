@@ -1,0 +1,444 @@
+"""Variational score distillation with Stable Diffusion 2.1: the "IMG" update of hybrid SDS (paper Eqs. 4, 5).
+
+Follows the authors' `stable_diffusion_vsd_guidance.py` (4D-fy repo, configured by
+configs/fourdfy_stage_*.yaml `guidance`):
+- pretrained branch: SD 2.1-base (ε-prediction), CFG 7.5 with view-dependent prompts (front/side/back at
+  30°) and the empty negative prompt;
+- LoRA branch: SD 2.1 (768, v-prediction, converted to ε) with rank-4 LoRA on every attention projection
+  and a camera embedding TimestepEmbedding(16 → time-embedding width, 1280 for SD) used as the UNet's class
+  embedding (input: the flattened 4×4 camera-to-world matrix); view-independent prompt; its CFG half uses
+  a zero camera, scale 1.0;
+- gradient w(t)(ε_pretrained,cfg − ε_lora), w = 1 − ᾱ, one t ~ U{20..500} per image;
+- render 256² upsampled bilinearly to 512², VAE latents with gradient (posterior sample × scaling factor).
+- LoRA fine-tuning (`finetune_step`, paper Eq. 5): t ~ U{0..999}, the scheduler's own target (v for
+  SD 2.1), camera zeroed for the whole batch with probability 0.1, AdamW lr 1e-4 over the LoRA and
+  camera-embedding parameters only. (The authors' paper-era config attached these to an optimiser group
+  that did not exist in later stages, so the LoRA never trained; here the prior owns its optimiser.)
+Paper choices the code does not follow are config values: the ε-objective of Eq. 5
+(`lora_epsilon_objective`) and a LoRA on the same model as the pretrained branch (set
+`lora_pretrained_model` = `pretrained_model`; one UNet is then shared, the pretrained branch runs with the
+adapters and camera embedding switched off, as the authors' `single_model` path).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.models.embeddings import TimestepEmbedding
+from peft import LoraConfig
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from fourdfy.guidance.base import GuidanceOut, sds_loss
+from fourdfy.guidance.memory import Placement, encode_latents, frozen, resolve_dtype
+from fourdfy.guidance.noise import v_target, v_to_eps
+from fourdfy.guidance.text import PromptEncoder, ViewPromptConfig, view_direction
+from fourdfy.guidance.weights import (
+    SD21,
+    SD21_BASE,
+    NoiseSchedule,
+    load_noise_schedule,
+    load_text_encoder,
+    load_unet2d,
+    load_vae,
+    locate_pretrained,
+    resolve_together,
+)
+from fourdfy.render.cameras import Cameras
+
+# The attention projections that the authors' LoRAAttnProcessor adapted (q, k, v, out) in every attn1/attn2.
+LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+CAMERA_DIM = 16  # flattened 4x4 c2w (authors' camera_condition_type "extrinsics": c2w.view(B, -1))
+
+
+@dataclass
+class SDVSDConfig:
+    """VSD with SD 2.1 (REFERENCE.md §Guidance "IMG"); defaults are the authors' settings."""
+
+    # Pretrained (ε) branch, also the VAE, text encoder and tokenizer: guidance.pretrained_model_name_or_path.
+    pretrained_model: str = SD21_BASE
+    # Model the LoRA is added to: guidance.pretrained_model_name_or_path_lora (SD 2.1, v-prediction).
+    lora_pretrained_model: str = SD21
+    # Render side: data.single_view.width/height = 256 (paper §4 "rendering a 256×256 image").
+    render_size: int = 256
+    # Side the render is bilinearly upsampled to before the VAE (SD's native 512²; get_latents).
+    image_size: int = 512
+    # CFG of the pretrained branch, ε_u + s(ε_c − ε_u): guidance.guidance_scale = 7.5.
+    guidance_scale: float = 7.5
+    # CFG of the LoRA branch (zero-camera uncond half): StableDiffusionVSDGuidance.Config.guidance_scale_lora.
+    guidance_scale_lora: float = 1.0
+    # Unconditional prompt: the stage configs' prompt_processor sets none -> PromptProcessor default "".
+    negative_prompt: str = ""
+    # View-dependent prompts on the pretrained branch: Config.view_dependent_prompting = True.
+    view_dependent_prompting: bool = True
+    # prompt_processor.front_threshold / back_threshold = 30 (degrees).
+    view_prompts: ViewPromptConfig = field(default_factory=lambda: ViewPromptConfig(30.0, 30.0))
+    # t range / 1000: guidance.min_step_percent 0.02, max_step_percent 0.5 (= max_step_percent_annealed).
+    min_step_percent: float = 0.02
+    max_step_percent: float = 0.5
+    # LoRA rank: diffusers LoRAAttnProcessor default rank 4 (alpha = rank, i.e. scale 1).
+    lora_rank: int = 4
+    # LoRA + camera-embedding optimiser: system.optimizer AdamW, params.guidance.lr 1e-4, betas (0.9, 0.99),
+    # eps 1e-15; weight decay = torch AdamW default 0.01 (the configs set none).
+    lora_lr: float = 1e-4
+    lora_betas: tuple[float, float] = (0.9, 0.99)
+    lora_eps: float = 1e-15
+    lora_weight_decay: float = 0.01
+    # Probability of a zero camera in a fine-tuning step: lora_cfg_training, `random.random() < 0.1`.
+    lora_camera_dropout: float = 0.1
+    # Noise levels per image per fine-tuning step: Config.lora_n_timestamp_samples = 1.
+    lora_n_timestamp_samples: int = 1
+    # False: the LoRA model's own target (v for SD 2.1, authors' train_lora); True: paper Eq. 5's
+    # ‖ε′ − ε‖² with ε′ converted from the v-prediction.
+    lora_epsilon_objective: bool = False
+    # Latents = VAE posterior sample (authors' encode_images); False = posterior mean.
+    sample_posterior: bool = True
+    # Loss multiplier: system.loss.lambda_vsd = 1.
+    loss_weight: float = 1.0
+    # Keep the UNets on the CPU between calls (memory option; the VAE stays on the device).
+    offload: bool = False
+    # Recompute VAE-encoder activations in backward (memory option).
+    vae_gradient_checkpointing: bool = False
+
+
+@dataclass
+class SDVSDModels:
+    """The loaded networks of the image prior. `unet_lora` may be the same object as `unet` (shared)."""
+
+    unet: UNet2DConditionModel
+    unet_lora: UNet2DConditionModel
+    vae: AutoencoderKL
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    schedule: NoiseSchedule
+    schedule_lora: NoiseSchedule
+
+
+class SDVSDGuidance:
+    """The image prior: implements `fourdfy.guidance.base.Guidance` with VSD and a camera-conditioned LoRA.
+
+    Random draws come from `self.generator` (CPU): per call posterior noise, t, ε; per fine-tuning step t,
+    ε, camera-dropout coin. Its state, the LoRA and camera-embedding weights and the optimiser state are in
+    `state_dict()` (exact resume).
+    """
+
+    is_video = False
+    n_views = 1
+
+    def __init__(
+        self,
+        cfg: SDVSDConfig,
+        models: SDVSDModels,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+        seed: int = 0,
+    ) -> None:
+        if models.schedule.prediction_type != "epsilon":
+            raise ValueError(
+                "SDVSDConfig.pretrained_model must be an ε-prediction model (the VSD gradient subtracts ε "
+                f"predictions), its scheduler says prediction_type={models.schedule.prediction_type!r}"
+            )
+        if not 0 <= cfg.min_step_percent <= cfg.max_step_percent < 1:
+            raise ValueError(
+                "SDVSDConfig needs 0 <= min_step_percent <= max_step_percent < 1, got "
+                f"{cfg.min_step_percent}, {cfg.max_step_percent}"
+            )
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(self.device, dtype)
+        self.placement = Placement(self.device, cfg.offload)
+        self.shared = models.unet_lora is models.unet
+        self.unet = self.placement.home(frozen(models.unet, self.dtype))
+        self.unet_lora = (
+            self.unet if self.shared else self.placement.home(frozen(models.unet_lora, self.dtype))
+        )
+        self.vae = frozen(models.vae, self.dtype).to(self.device)
+        if cfg.vae_gradient_checkpointing:
+            self.vae.enable_gradient_checkpointing()
+        self.text = PromptEncoder(models.tokenizer, models.text_encoder, self.placement, self.dtype)
+        self.alphas_cumprod = models.schedule.alphas_cumprod  # float64 [T]
+        self.alphas_cumprod_lora = models.schedule_lora.alphas_cumprod
+        self.lora_v_prediction = models.schedule_lora.prediction_type == "v_prediction"
+        self.num_timesteps = self.alphas_cumprod.shape[0]
+        self.min_step = int(self.num_timesteps * cfg.min_step_percent)  # authors' int(T * percent)
+        self.max_step = int(self.num_timesteps * cfg.max_step_percent)
+        self.native_size = (cfg.render_size, cfg.render_size)
+        self.generator = torch.Generator().manual_seed(seed)
+
+        self.lora_params, self.camera_embedding = self._add_lora_and_camera(seed)
+        self.optimizer = torch.optim.AdamW(
+            [*self.lora_params.values(), *self.camera_embedding.parameters()],
+            lr=cfg.lora_lr,
+            betas=cfg.lora_betas,
+            eps=cfg.lora_eps,
+            weight_decay=cfg.lora_weight_decay,
+        )
+        # fp16 backward through the frozen UNet underflows: without loss scaling some LoRA tensors got exactly
+        # zero gradient on an H100 (lora_B stayed 0). Dynamic loss scaling for fp16 weights; off otherwise.
+        self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self._cached_latents: tuple[tuple[Any, ...], torch.Tensor] | None = None
+
+    def _add_lora_and_camera(self, seed: int) -> tuple[dict[str, torch.nn.Parameter], TimestepEmbedding]:
+        """peft LoRA on the LoRA UNet's attention projections + the camera class embedding, in fp32."""
+        unet = self.unet_lora
+        time_embed_dim = unet.time_embedding.linear_2.out_features  # 1280 for SD 2.1 (authors hard-code it)
+        # Initialisation draws from a private RNG seeded by `seed`: reproducible, global RNGs untouched
+        # (the CUDA one too: peft may initialise the LoRA on the UNet's device).
+        cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=cuda_devices):
+            torch.manual_seed(seed)
+            # "gaussian": A ~ N(0, 1/r), B = 0, as diffusers' LoRALinearLayer that the authors used.
+            unet.add_adapter(
+                LoraConfig(
+                    r=self.cfg.lora_rank,
+                    lora_alpha=self.cfg.lora_rank,
+                    init_lora_weights="gaussian",
+                    target_modules=list(LORA_TARGET_MODULES),
+                )
+            )
+            camera_embedding = TimestepEmbedding(CAMERA_DIM, time_embed_dim)
+        params = {name: p for name, p in unet.named_parameters() if "lora_" in name}
+        if not params:
+            raise ValueError(
+                "no attention projections (to_q/to_k/to_v/to_out.0) found for the LoRA in the UNet"
+            )
+        for p in params.values():
+            p.data = p.data.float()  # trainable weights in fp32 beside fp16 frozen ones
+            p.requires_grad_(True)
+        camera_embedding = camera_embedding.to(next(iter(params.values())).device).requires_grad_(True)
+        # diffusers adds class_embedding(class_labels) to the time embedding (class_embed_type None: no
+        # projection of the labels first) and casts it to the UNet's dtype.
+        unet.class_embedding = camera_embedding
+        return params, camera_embedding
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: SDVSDConfig,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+        seed: int = 0,
+        config_key: str = "guidance.sd_vsd",
+    ) -> SDVSDGuidance:
+        """Load the weights named by `cfg` (hub ids or local paths; see weights.py) and build the prior."""
+        weights_dtype = resolve_dtype(device, dtype)
+        key = f"{config_key}.pretrained_model"
+        key_lora = f"{config_key}.lora_pretrained_model"
+        shared = cfg.lora_pretrained_model == cfg.pretrained_model
+        parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+        resolvers = [lambda: locate_pretrained(cfg.pretrained_model, key, parts)]
+        if not shared:
+            lora_parts = ("unet", "scheduler")
+            resolvers.append(lambda: locate_pretrained(cfg.lora_pretrained_model, key_lora, lora_parts))
+        locations = resolve_together(*resolvers)  # every model checked before anything loads
+        loc, loc_lora = locations[0], locations[-1]
+        unet = load_unet2d(loc, key, weights_dtype)
+        tokenizer, text_encoder = load_text_encoder(loc, key, weights_dtype)
+        models = SDVSDModels(
+            unet=unet,
+            unet_lora=unet if shared else load_unet2d(loc_lora, key_lora, weights_dtype),
+            vae=load_vae(loc, key, weights_dtype),
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            schedule=load_noise_schedule(loc, key),
+            schedule_lora=load_noise_schedule(loc_lora, key_lora),
+        )
+        return cls(cfg, models, device=device, dtype=dtype, seed=seed)
+
+    # ---------------------------------------------------------------- inputs
+
+    def _check_inputs(self, renders: torch.Tensor, prompt: str, cameras: Cameras) -> None:
+        if renders.ndim != 4 or renders.shape[-1] != 3 or renders.shape[0] == 0:
+            raise ValueError(f"renders must be [B, H, W, 3] with B >= 1, got {tuple(renders.shape)}")
+        size = self.cfg.render_size
+        if tuple(renders.shape[1:3]) != (size, size):
+            raise ValueError(
+                f"renders: the SD VSD prior takes {size}x{size} renders (render_size), got "
+                f"{renders.shape[1]}x{renders.shape[2]}"
+            )
+        if len(cameras) != renders.shape[0]:
+            raise ValueError(f"cameras: need one camera per render ({renders.shape[0]}), got {len(cameras)}")
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
+
+    @staticmethod
+    def _render_key(renders: torch.Tensor) -> tuple[Any, ...]:
+        return (renders.data_ptr(), tuple(renders.shape), renders._version, str(renders.device))
+
+    def encode(self, renders: torch.Tensor) -> torch.Tensor:
+        """renders [B, 256, 256, 3] in [0, 1] -> upsampled 512² -> latents [B, 4, 64, 64] float32."""
+        x = renders.permute(0, 3, 1, 2).to(self.device, torch.float32)
+        x = F.interpolate(x, (self.cfg.image_size,) * 2, mode="bilinear", align_corners=False)
+        return encode_latents(self.vae, x, self.generator if self.cfg.sample_posterior else None)
+
+    def _camera(self, cameras: Cameras) -> torch.Tensor:
+        return cameras.c2w.to(self.device, torch.float32).reshape(len(cameras), CAMERA_DIM)
+
+    # ---------------------------------------------------------------- VSD loss
+
+    def __call__(
+        self, renders: torch.Tensor, prompt: str, cameras: Cameras, times: torch.Tensor, step: int
+    ) -> GuidanceOut:
+        """renders: [B, 256, 256, 3] in [0, 1]; cameras: B cameras; times, step unused (fixed t range)."""
+        self._check_inputs(renders, prompt, cameras)
+        latents = self.encode(renders)
+        # The fine-tuning step of this iteration reuses these latents (as the authors' train_lora does).
+        self._cached_latents = (self._render_key(renders), latents.detach())
+        return self.loss_on_latents(latents, prompt, cameras)
+
+    def loss_on_latents(
+        self,
+        latents: torch.Tensor,
+        prompt: str,
+        cameras: Cameras,
+        t: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> GuidanceOut:
+        """The VSD loss on latents [B, 4, h, w]; `t` [B] / `noise` override the random draws."""
+        b = latents.shape[0]
+        if len(cameras) != b:
+            raise ValueError(f"cameras: need one camera per latent ({b}), got {len(cameras)}")
+        if t is None:
+            t = torch.randint(self.min_step, self.max_step + 1, (b,), generator=self.generator)
+        if noise is None:
+            noise = torch.randn(latents.shape, generator=self.generator, dtype=torch.float32)
+        t = t.to(self.device)
+        noise = noise.to(latents.device, torch.float32)
+        a_bar = self.alphas_cumprod.to(self.device)[t].float().view(b, 1, 1, 1)
+        a_bar_lora = self.alphas_cumprod_lora.to(self.device)[t].float().view(b, 1, 1, 1)
+
+        direction = None
+        if self.cfg.view_dependent_prompting:
+            direction = view_direction(cameras.elevation, cameras.azimuth, self.cfg.view_prompts)
+        text_vd = self.text.cfg_pair(prompt, self.cfg.negative_prompt, b, direction)
+        text = self.text.cfg_pair(prompt, self.cfg.negative_prompt, b, None)
+        camera = self._camera(cameras)
+        camera_cfg = torch.cat([camera, torch.zeros_like(camera)])  # uncond half: zero camera
+
+        with torch.no_grad():
+            z_t = a_bar.sqrt() * latents.detach() + (1.0 - a_bar).sqrt() * noise
+            z_in, t_in = torch.cat([z_t, z_t]), torch.cat([t, t])
+            # Inputs in the weights' dtype: diffusers casts its time embedding to the input's dtype.
+            z_unet = z_in.to(self.dtype)
+            with self.placement.active(self.unet), self._pretrained_branch():
+                eps_pre = self.unet(z_unet, t_in, encoder_hidden_states=text_vd).sample.float()
+            with self.placement.active(self.unet_lora):
+                out_lora = self.unet_lora(
+                    z_unet, t_in, encoder_hidden_states=text, class_labels=camera_cfg
+                ).sample.float()
+            if self.lora_v_prediction:
+                out_lora = v_to_eps(out_lora, z_in, torch.cat([a_bar_lora, a_bar_lora]))
+            cond, uncond = eps_pre.chunk(2)  # authors' order: [cond, uncond]
+            eps_pretrained = uncond + self.cfg.guidance_scale * (cond - uncond)
+            cond, uncond = out_lora.chunk(2)
+            eps_lora = uncond + self.cfg.guidance_scale_lora * (cond - uncond)
+            grad = torch.nan_to_num((1.0 - a_bar) * (eps_pretrained - eps_lora))  # w(t) = 1 − ᾱ_t
+
+        loss = self.cfg.loss_weight * sds_loss(latents, grad)
+        stats = {"t": float(t.float().mean()), "grad_norm": float(grad.norm())}
+        return GuidanceOut(loss=loss, stats=stats)
+
+    @contextmanager
+    def _pretrained_branch(self) -> Iterator[None]:
+        """With a shared UNet, switch its LoRA adapters and camera embedding off inside the block."""
+        if not self.shared:
+            yield
+            return
+        self.unet.disable_adapters()
+        self.unet.class_embedding = None
+        try:
+            yield
+        finally:
+            self.unet.enable_adapters()
+            self.unet.class_embedding = self.camera_embedding
+
+    # ---------------------------------------------------------------- LoRA fine-tuning
+
+    def finetune_step(
+        self, renders: torch.Tensor, prompt: str, cameras: Cameras, step: int
+    ) -> dict[str, float]:
+        """One AdamW step of the LoRA + camera embedding on the (detached) renders (paper Eq. 5).
+
+        Reuses the latents of the last __call__ when `renders` is the same tensor, else encodes them.
+        """
+        self._check_inputs(renders, prompt, cameras)
+        cached, self._cached_latents = self._cached_latents, None
+        if cached is not None and cached[0] == self._render_key(renders):
+            latents = cached[1]
+        else:
+            with torch.no_grad():
+                latents = self.encode(renders.detach())
+        return self.finetune_on_latents(latents, prompt, cameras)
+
+    def finetune_on_latents(self, latents: torch.Tensor, prompt: str, cameras: Cameras) -> dict[str, float]:
+        """The fine-tuning step on latents [B, 4, h, w] (authors' train_lora + one optimiser step)."""
+        n = self.cfg.lora_n_timestamp_samples
+        b = latents.shape[0]
+        x0 = latents.detach().float().repeat(n, 1, 1, 1)
+        t = torch.randint(0, self.num_timesteps, (b * n,), generator=self.generator)  # U{0..T-1}
+        noise = torch.randn(x0.shape, generator=self.generator, dtype=torch.float32).to(x0.device)
+        drop_camera = bool(torch.rand((), generator=self.generator) < self.cfg.lora_camera_dropout)
+        t = t.to(self.device)
+        a_bar = self.alphas_cumprod_lora.to(self.device)[t].float().view(-1, 1, 1, 1)
+        z_t = a_bar.sqrt() * x0 + (1.0 - a_bar).sqrt() * noise
+        camera = self._camera(cameras)
+        if drop_camera:
+            camera = torch.zeros_like(camera)
+        text = self.text.encode([prompt]).expand(b * n, -1, -1)  # view-independent, conditional only
+
+        with self.placement.active(self.unet_lora), torch.enable_grad():
+            pred = self.unet_lora(
+                z_t.to(self.dtype), t, encoder_hidden_states=text, class_labels=camera.repeat(n, 1)
+            ).sample.float()
+            if self.lora_v_prediction and not self.cfg.lora_epsilon_objective:
+                target = v_target(x0, noise, a_bar)
+            else:
+                target = noise
+                if self.lora_v_prediction:
+                    pred = v_to_eps(pred, z_t, a_bar)
+            loss = F.mse_loss(pred, target)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.step(self.optimizer)  # skipped (and the scale lowered) on inf/NaN gradients
+            self.grad_scaler.update()
+        return {
+            "lora_loss": float(loss.detach()),
+            "lora_t": float(t.float().mean()),
+            "lora_camera_dropped": float(drop_camera),
+        }
+
+    # ---------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        """LoRA weights, camera embedding, optimiser and loss-scaler state, generator state (exact resume)."""
+        return {
+            "lora": {name: p.detach().cpu().clone() for name, p in self.lora_params.items()},
+            "camera_embedding": {
+                k: v.detach().cpu().clone() for k, v in self.camera_embedding.state_dict().items()
+            },
+            # A snapshot: optimizer.state_dict() holds references to tensors that later steps update in place.
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "grad_scaler": self.grad_scaler.state_dict(),
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = set(self.lora_params) ^ set(state["lora"])
+        if missing:
+            raise ValueError(
+                f"LoRA state does not match this model's LoRA parameters: {sorted(missing)[:5]} ..."
+            )
+        with torch.no_grad():
+            for name, p in self.lora_params.items():
+                p.copy_(state["lora"][name])
+        self.camera_embedding.load_state_dict(state["camera_embedding"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("grad_scaler"):  # empty when saved with scaling off (fp32/bf16 weights)
+            self.grad_scaler.load_state_dict(state["grad_scaler"])
+        self.generator.set_state(state["generator"])

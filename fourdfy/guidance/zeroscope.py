@@ -1,0 +1,253 @@
+"""Video SDS with Zeroscope v2 576w: the "VID" update of hybrid SDS (paper Eq. 6).
+
+Follows the authors' `zeroscope_guidance.py` (4D-fy repo, configured by configs/fourdfy_stage_3.yaml
+`guidance_video`): 16 frames of one fixed camera rendered 160×288, each bilinearly upsampled to 320×576
+and VAE-encoded on its own (posterior sample × scaling factor), stacked to [1, 4, 16, 40, 72]; one
+t ~ U{20..980}; the diffusers UNet3DConditionModel on [cond, uncond]; CFG as the authors write it,
+ε_c + 100(ε_c − ε_u) (= the usual ε_u + 101(ε_c − ε_u)); view-dependent prompts at 45°; w = 1 − ᾱ;
+loss weight λ_video = 0.1 (system.loss.lambda_sds_video; users raise it to 0.3–1.0 for more motion).
+Memory option: back-propagate through the VAE encoder for only N random frames (`vae_grad_frames`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, UNet3DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from fourdfy.guidance.base import GuidanceOut, sds_loss
+from fourdfy.guidance.memory import Placement, encode_latents, frozen, resolve_dtype
+from fourdfy.guidance.text import PromptEncoder, ViewPromptConfig, view_direction
+from fourdfy.guidance.weights import (
+    ZEROSCOPE,
+    NoiseSchedule,
+    load_noise_schedule,
+    load_text_encoder,
+    load_unet3d,
+    load_vae,
+    locate_pretrained,
+)
+from fourdfy.render.cameras import Cameras
+
+
+@dataclass
+class ZeroscopeConfig:
+    """Zeroscope video SDS (REFERENCE.md §Guidance "VID"); defaults are the authors' settings."""
+
+    # Hub repo id or local diffusers-layout folder: guidance_video.pretrained_model_name_or_path.
+    pretrained_model: str = ZEROSCOPE
+    # Frames per video step: data.single_view.num_frames = 16.
+    n_frames: int = 16
+    # Render size of each frame: data.single_view.height_vid = 160, width_vid = 288 (paper §4).
+    render_height: int = 160
+    render_width: int = 288
+    # Size each frame is bilinearly upsampled to before the VAE: Zeroscope's native 320×576 (latent 40×72).
+    image_height: int = 320
+    image_width: int = 576
+    # CFG, written ε_c + s(ε_c − ε_u): guidance_video.guidance_scale = 100.
+    guidance_scale: float = 100.0
+    # Unconditional prompt: the Zeroscope prompt processor's default "".
+    negative_prompt: str = ""
+    # ZeroscopeGuidance.Config.view_dependent_prompting = True.
+    view_dependent_prompting: bool = True
+    # Zeroscope's prompt processor keeps threestudio's default thresholds, 45° (PromptProcessor.Config).
+    view_prompts: ViewPromptConfig = field(default_factory=lambda: ViewPromptConfig(45.0, 45.0))
+    # t range / 1000: ZeroscopeGuidance.Config min_step_percent 0.02, max_step_percent 0.98 (no annealing).
+    min_step_percent: float = 0.02
+    max_step_percent: float = 0.98
+    # Loss multiplier λ_video: system.loss.lambda_sds_video = 0.1.
+    loss_weight: float = 0.1
+    # Frames whose VAE encoding keeps its graph (chosen at random per call); None = all (authors).
+    vae_grad_frames: int | None = None
+    # Latents = VAE posterior sample (authors' encode_images); False = posterior mean.
+    sample_posterior: bool = True
+    # Keep the UNet on the CPU between calls (memory option; the VAE stays on the device).
+    offload: bool = False
+    # Recompute VAE-encoder activations in backward (memory option).
+    vae_gradient_checkpointing: bool = False
+
+
+@dataclass
+class ZeroscopeModels:
+    """The loaded networks of the video prior."""
+
+    unet: UNet3DConditionModel
+    vae: AutoencoderKL
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    schedule: NoiseSchedule
+
+
+class ZeroscopeGuidance:
+    """The video prior: implements `fourdfy.guidance.base.Guidance` for Zeroscope.
+
+    Random draws come from `self.generator` (CPU): per call the frames that keep a VAE graph (when
+    `vae_grad_frames` is set), posterior noise, t, ε. Its state is in `state_dict()`.
+    """
+
+    is_video = True
+
+    def __init__(
+        self,
+        cfg: ZeroscopeConfig,
+        models: ZeroscopeModels,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+        seed: int = 0,
+    ) -> None:
+        if models.schedule.prediction_type != "epsilon":
+            raise ValueError(
+                f"ZeroscopeConfig.pretrained_model must be an ε-prediction model, its scheduler says "
+                f"prediction_type={models.schedule.prediction_type!r}"
+            )
+        if cfg.n_frames < 1:
+            raise ValueError(f"ZeroscopeConfig.n_frames must be >= 1, got {cfg.n_frames}")
+        if cfg.vae_grad_frames is not None and not 1 <= cfg.vae_grad_frames <= cfg.n_frames:
+            raise ValueError(
+                f"ZeroscopeConfig.vae_grad_frames must be None or in [1, n_frames={cfg.n_frames}], "
+                f"got {cfg.vae_grad_frames}"
+            )
+        if not 0 <= cfg.min_step_percent <= cfg.max_step_percent < 1:
+            raise ValueError(
+                "ZeroscopeConfig needs 0 <= min_step_percent <= max_step_percent < 1, got "
+                f"{cfg.min_step_percent}, {cfg.max_step_percent}"
+            )
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(self.device, dtype)
+        self.placement = Placement(self.device, cfg.offload)
+        self.unet = self.placement.home(frozen(models.unet, self.dtype))
+        self.vae = frozen(models.vae, self.dtype).to(self.device)
+        if cfg.vae_gradient_checkpointing:
+            self.vae.enable_gradient_checkpointing()
+        self.text = PromptEncoder(models.tokenizer, models.text_encoder, self.placement, self.dtype)
+        self.schedule = models.schedule
+        self.alphas_cumprod = models.schedule.alphas_cumprod  # float64 [T]
+        self.num_timesteps = self.alphas_cumprod.shape[0]
+        self.min_step = int(self.num_timesteps * cfg.min_step_percent)  # authors' int(T * percent): 20
+        self.max_step = int(self.num_timesteps * cfg.max_step_percent)  # 980
+        self.n_frames = cfg.n_frames
+        self.n_views = cfg.n_frames
+        self.native_size = (cfg.render_height, cfg.render_width)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: ZeroscopeConfig,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+        seed: int = 0,
+        config_key: str = "guidance.zeroscope",
+    ) -> ZeroscopeGuidance:
+        """Load the weights named by `cfg` (hub id or local path; see weights.py) and build the prior."""
+        weights_dtype = resolve_dtype(device, dtype)
+        key = f"{config_key}.pretrained_model"
+        loc = locate_pretrained(
+            cfg.pretrained_model, key, ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+        )
+        tokenizer, text_encoder = load_text_encoder(loc, key, weights_dtype)
+        models = ZeroscopeModels(
+            unet=load_unet3d(loc, key, weights_dtype),
+            vae=load_vae(loc, key, weights_dtype),
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            schedule=load_noise_schedule(loc, key),
+        )
+        return cls(cfg, models, device=device, dtype=dtype, seed=seed)
+
+    def _check_inputs(self, renders: torch.Tensor, prompt: str, cameras: Cameras) -> None:
+        if renders.ndim != 4 or renders.shape[-1] != 3:
+            raise ValueError(
+                f"renders must be [F, H, W, 3] (the frames of one video), got {tuple(renders.shape)}"
+            )
+        if renders.shape[0] != self.n_frames:
+            raise ValueError(
+                f"renders: the video prior takes n_frames={self.n_frames} frames, got {renders.shape[0]}"
+            )
+        size = (self.cfg.render_height, self.cfg.render_width)
+        if tuple(renders.shape[1:3]) != size:
+            raise ValueError(
+                f"renders: the video prior takes {size[0]}x{size[1]} frames (render_height x render_width), "
+                f"got {renders.shape[1]}x{renders.shape[2]}"
+            )
+        if len(cameras) != self.n_frames:
+            raise ValueError(f"cameras: need one camera per frame ({self.n_frames}), got {len(cameras)}")
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
+
+    def encode(self, renders: torch.Tensor) -> torch.Tensor:
+        """frames [F, H, W, 3] in [0, 1] -> latents [1, 4, F, h, w] float32, frames encoded one by one."""
+        x = renders.permute(0, 3, 1, 2).to(self.device, torch.float32)
+        x = F.interpolate(
+            x, (self.cfg.image_height, self.cfg.image_width), mode="bilinear", align_corners=False
+        )
+        grad_mask = None
+        if self.cfg.vae_grad_frames is not None and self.cfg.vae_grad_frames < self.n_frames:
+            keep = torch.randperm(self.n_frames, generator=self.generator)[: self.cfg.vae_grad_frames]
+            kept = set(keep.tolist())
+            grad_mask = [i in kept for i in range(self.n_frames)]
+        latents = encode_latents(
+            self.vae, x, self.generator if self.cfg.sample_posterior else None, grad_mask
+        )
+        return latents.permute(1, 0, 2, 3).unsqueeze(0)  # [F, 4, h, w] -> [1, 4, F, h, w]
+
+    def __call__(
+        self, renders: torch.Tensor, prompt: str, cameras: Cameras, times: torch.Tensor, step: int
+    ) -> GuidanceOut:
+        """renders: [F, H, W, 3] frames of one camera at consecutive times; cameras: F (equal) cameras."""
+        self._check_inputs(renders, prompt, cameras)
+        return self.loss_on_latents(self.encode(renders), prompt, cameras)
+
+    def loss_on_latents(
+        self,
+        latents: torch.Tensor,
+        prompt: str,
+        cameras: Cameras,
+        t: int | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> GuidanceOut:
+        """The video SDS loss on latents [1, 4, F, h, w]; `t` / `noise` override the random draws."""
+        if latents.ndim != 5 or latents.shape[0] != 1:
+            raise ValueError(f"latents must be [1, 4, F, h, w], got {tuple(latents.shape)}")
+        if t is None:
+            t = int(torch.randint(self.min_step, self.max_step + 1, (1,), generator=self.generator))
+        if noise is None:
+            noise = torch.randn(latents.shape, generator=self.generator, dtype=torch.float32)
+        noise = noise.to(latents.device, torch.float32)
+        a_bar = float(self.alphas_cumprod[t])
+
+        direction = None
+        if self.cfg.view_dependent_prompting:  # one camera per video: the first frame's
+            direction = view_direction(cameras.elevation[:1], cameras.azimuth[:1], self.cfg.view_prompts)
+        text = self.text.cfg_pair(prompt, self.cfg.negative_prompt, 1, direction)  # [2, 77, C]
+
+        with torch.no_grad():
+            z_t = a_bar**0.5 * latents.detach() + (1.0 - a_bar) ** 0.5 * noise
+            t_in = torch.full((2,), t, device=self.device, dtype=torch.long)
+            with self.placement.active(self.unet):
+                z_in = torch.cat([z_t, z_t]).to(self.dtype)  # diffusers casts its time embedding to this
+                eps = self.unet(z_in, t_in, encoder_hidden_states=text).sample.float()
+            eps_cond, eps_uncond = eps.chunk(2)  # authors' order: [cond, uncond]
+            eps_cfg = eps_cond + self.cfg.guidance_scale * (eps_cond - eps_uncond)  # as the authors write it
+            grad = torch.nan_to_num((1.0 - a_bar) * (eps_cfg - noise))  # w(t) = 1 − ᾱ_t
+
+        loss = self.cfg.loss_weight * sds_loss(latents, grad)
+        return GuidanceOut(loss=loss, stats={"t": float(t), "grad_norm": float(grad.norm())})
+
+    def finetune_step(
+        self, renders: torch.Tensor, prompt: str, cameras: Cameras, step: int
+    ) -> dict[str, float]:
+        """Zeroscope has no trainable state."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The random generator's state (the only state that changes)."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,151 @@
+"""The training loop on the toy world: what each update trains, exact resume after SIGKILL, bad states."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from configs import compose_run_config
+
+from fourdfy.api import build_field, build_guidances, generate
+from fourdfy.checkpoint import list_checkpoints, load_latest_checkpoint
+from fourdfy.guidance.base import GuidanceOut
+from fourdfy.hybrid import HybridSchedule
+from fourdfy.render.volume import Renderer
+from fourdfy.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = ["preset=smoke", "schedule.stage_lengths=[10,10,10]", "trainer.checkpoint_every=5"]
+
+
+def _trainer(cfg, run_dir, guidances=None, callbacks=None):
+    field, background = build_field(cfg.field)
+    return Trainer(cfg.trainer, field, background, Renderer(cfg.renderer), guidances or build_guidances(cfg),
+                   HybridSchedule(cfg.schedule), cfg.cameras, cfg.prompt, run_dir, seed=cfg.seed,
+                   callbacks=callbacks)
+
+
+def _snapshot(params):
+    return [p.detach().clone() for p in params]
+
+
+def test_dynamic_grid_changes_only_on_video_steps(tmp_path):
+    cfg = compose_run_config(SMOKE)
+    trainer = _trainer(cfg, tmp_path)
+    kinds_seen = set()
+    for _ in range(30):
+        dyn, static = _snapshot(trainer.groups["dynamic"]), _snapshot(trainer.groups["static"])
+        scalars = trainer.step()
+        kinds_seen.add(scalars["kind"])
+        dyn_changed = any(not torch.equal(a, b) for a, b in zip(dyn, trainer.groups["dynamic"], strict=True))
+        static_changed = any(not torch.equal(a, b) for a, b in zip(static, trainer.groups["static"], strict=True))
+        assert dyn_changed == (scalars["kind"] == "vid"), scalars
+        assert static_changed, scalars
+        if scalars["stage"] == 3:
+            lrs = {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}
+            assert lrs["static"] == 1e-4 and lrs["dynamic"] == 0.01
+    assert kinds_seen == {"3d", "img", "vid"}
+
+
+def _run_in_subprocess(run_dir: Path, kill_after: int | None) -> int:
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path[:0] = [{str(REPO)!r}, {str(REPO / "tests")!r}]
+        from configs import compose_run_config
+        from fourdfy.api import generate
+
+        def kill(trainer, iteration):
+            if iteration == {kill_after!r}:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        cfg = compose_run_config({SMOKE!r})
+        generate(cfg, {str(run_dir)!r}, callbacks=[kill])
+    """)
+    return subprocess.run([sys.executable, "-c", script], cwd=REPO, timeout=600).returncode
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert _run_in_subprocess(straight, kill_after=None) == 0
+    assert _run_in_subprocess(killed, kill_after=17) == -signal.SIGKILL
+    assert not (killed / "DONE").exists()
+    newest = list_checkpoints(killed / "checkpoints")[-1].name
+    assert newest == "ckpt_000000015.pt"  # killed between the checkpoints at 15 and 20
+    assert _run_in_subprocess(killed, kill_after=None) == 0
+    a, _ = load_latest_checkpoint(straight / "checkpoints")
+    b, _ = load_latest_checkpoint(killed / "checkpoints")
+    assert a["iteration"] == b["iteration"] == 30
+    for key in ("field", "background"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs after resume"
+    assert torch.equal(a["guidance"]["img"]["buffer_images"], b["guidance"]["img"]["buffer_images"])
+
+
+def test_corrupted_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    cfg = compose_run_config(SMOKE)
+    trainer = _trainer(cfg, tmp_path)
+    for _ in range(10):
+        trainer.step()
+        if trainer.iteration % 5 == 0:
+            trainer.save()
+    newest = list_checkpoints(tmp_path / "checkpoints")[-1]
+    newest.write_bytes(newest.read_bytes()[:1000])  # a torn write
+    fresh = _trainer(cfg, tmp_path)
+    with pytest.warns(UserWarning, match="corrupted"):
+        assert fresh.try_resume()
+    assert fresh.iteration == 5
+
+
+class _NaNGuidance:
+    n_views, native_size, is_video = 4, (16, 16), False
+
+    def __call__(self, renders, prompt, cameras, times, step):
+        return GuidanceOut(renders.sum() * float("nan"))
+
+    def finetune_step(self, *args):
+        return {}
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def test_non_finite_guidance_is_skipped_and_counted(tmp_path):
+    cfg = compose_run_config(SMOKE + ["schedule.stage_lengths=[3,0,0]"])
+    trainer = _trainer(cfg, tmp_path, guidances={"3d": _NaNGuidance()})
+    before = _snapshot(p for g in trainer.groups.values() for p in g)
+    scalars = trainer.step()
+    after = [p for g in trainer.groups.values() for p in g]
+    assert scalars["skipped_steps"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_finished_run_is_not_redone_and_incompatible_resume_is_refused(tmp_path, capsys):
+    cfg = compose_run_config(["preset=smoke"])
+    generate(cfg, tmp_path)
+    assert (tmp_path / "DONE").exists() and (tmp_path / "renders" / "orbit.mp4").stat().st_size > 0
+    generate(cfg, tmp_path)
+    assert "already finished" in capsys.readouterr().out
+    other = compose_run_config(["preset=smoke", "schedule.p_3d=0.3"])
+    (tmp_path / "DONE").unlink()
+    with pytest.raises(ValueError, match="different config"):
+        generate(other, tmp_path)
+
+
+def test_schedule_without_a_guidance_for_its_kinds_is_refused(tmp_path):
+    cfg = compose_run_config(SMOKE)
+    with pytest.raises(ValueError, match="no 'vid' guidance"):
+        _trainer(cfg, tmp_path, guidances={"3d": _NaNGuidance(), "img": _NaNGuidance()})
+
+
+def test_environment_is_offline():
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
