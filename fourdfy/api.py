@@ -18,8 +18,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from fourdfy.config import FieldConfig, HashGridConfig, RunConfig
 from fourdfy.checkpoint import load_latest_checkpoint
+from fourdfy.config import FieldConfig, HashGridConfig, RunConfig
 from fourdfy.export.outputs import write_outputs
 from fourdfy.fields.background import BackgroundMLP
 from fourdfy.fields.dense import DenseGridEncoding3D, DenseGridEncoding4D
@@ -125,6 +125,8 @@ def generate(cfg: RunConfig, run_dir: Path, callbacks: list[Callback] | None = N
     prepare_run_dir(cfg, run_dir)
     torch.manual_seed(cfg.seed)
     field, background = build_field(cfg.field)
+    field.to(cfg.device)
+    background.to(cfg.device)
     guidances = build_guidances(cfg)
     schedule = HybridSchedule(cfg.schedule)
     logger = make_logger(cfg.logger, run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)),

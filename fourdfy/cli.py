@@ -34,10 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--grid", action="store_true", help="views×time grid PNG (paper Fig. 1)")
     export.add_argument("--mesh", action="store_true", help="marching-cubes mesh per time step (PLY/OBJ)")
     export.add_argument("--glb", action="store_true", help="one animated .glb playing the meshes in order")
-    export.add_argument("--curves", action="store_true", help="curves.png from log.jsonl (needs no checkpoint)")
+    export.add_argument("--curves", action="store_true",
+                        help="curves.png from log.jsonl (needs no checkpoint)")
     export.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/renders)")
     export.add_argument("--device", default=None, help="cpu or cuda (default: the run's device)")
-    export.add_argument("--threshold", type=float, default=None, help="mesh density iso-level (eval.mesh_threshold)")
+    export.add_argument("--threshold", type=float, default=None,
+                        help="mesh density iso-level (eval.mesh_threshold)")
     export.add_argument("--resolution", type=int, default=None, help="marching-cubes grid points per side "
                         "(eval.mesh_resolution)")
     export.add_argument("--mesh-frames", type=int, default=None, help="time steps meshed (eval.mesh_frames)")
@@ -81,7 +83,8 @@ def export(args: argparse.Namespace) -> list[Path]:
             raise CommandError(f"{err}; nothing to export from (train first: python run.py ...)") from err
         # Field4D.blob_std is set by the schedule each iteration and not saved: restore the value of the
         # last trained iteration (it changes during stage 3 when the blob is annealed).
-        field.blob_std = HybridSchedule(cfg.schedule).blob_std(max(iteration - 1, 0), cfg.field.heads.blob_std)
+        schedule = HybridSchedule(cfg.schedule)
+        field.blob_std = schedule.blob_std(max(iteration - 1, 0), cfg.field.heads.blob_std)
         ev = cfg.eval
         for name, value in (("mesh_threshold", args.threshold), ("mesh_resolution", args.resolution),
                             ("mesh_frames", args.mesh_frames), ("mesh_fps", args.mesh_fps),
@@ -100,7 +103,9 @@ def export(args: argparse.Namespace) -> list[Path]:
     if wanted["curves"]:
         if not (run_dir / LOG_FILE).exists():
             raise CommandError(f"{run_dir / LOG_FILE} does not exist: no training log to plot")
-        written.append(write_curves(run_dir, out / "curves.png", title=load_run_config(run_dir).prompt))
+        run_cfg = load_run_config(run_dir)
+        written.append(write_curves(run_dir, out / "curves.png", title=run_cfg.prompt,
+                                    stage_lengths=list(run_cfg.schedule.stage_lengths)))
     return written
 
 

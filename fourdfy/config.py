@@ -16,6 +16,9 @@ from fourdfy.fields.background import BackgroundConfig
 from fourdfy.fields.dense import DenseGridConfig
 from fourdfy.fields.field4d import HeadsConfig
 from fourdfy.fields.hexplane import HexPlaneConfig
+from fourdfy.guidance.mvdream import MVDreamConfig
+from fourdfy.guidance.sd_vsd import SDVSDConfig
+from fourdfy.guidance.zeroscope import ZeroscopeConfig
 from fourdfy.hybrid import ScheduleConfig
 from fourdfy.render.cameras import CameraSamplingConfig
 from fourdfy.render.volume import RendererConfig
@@ -56,6 +59,9 @@ class GuidanceConfig:
 
     backend: str = "synthetic"  # "synthetic" (toy world, CPU) or "real" (MVDream, SD 2.1, Zeroscope)
     synthetic: SyntheticPriorsConfig = dc_field(default_factory=SyntheticPriorsConfig)
+    mvdream: MVDreamConfig = dc_field(default_factory=MVDreamConfig)  # 3D prior (real backend)
+    sd_vsd: SDVSDConfig = dc_field(default_factory=SDVSDConfig)  # image prior with VSD (real backend)
+    zeroscope: ZeroscopeConfig = dc_field(default_factory=ZeroscopeConfig)  # video prior (real backend)
 
 
 @dataclass

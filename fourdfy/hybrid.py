@@ -54,7 +54,8 @@ class ScheduleConfig:
         if early > 0 and self.p_3d == 0 and self.p_img == 0:
             raise ValueError(
                 "stages 1-2 need the 3D or the image prior, but schedule.p_3d = schedule.p_img = 0; "
-                "set their stage_lengths to 0 (or set schedule.skip_stages_1_2 as the no_image_guidance variant does) or raise a probability"
+                "set schedule.skip_stages_1_2 (as the no_image_guidance variant does), set their stage_lengths "
+                "to 0, or raise a probability"
             )
 
 

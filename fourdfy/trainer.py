@@ -25,7 +25,7 @@ from tqdm import tqdm
 from fourdfy.checkpoint import load_latest_checkpoint, save_checkpoint
 from fourdfy.guidance.base import Guidance
 from fourdfy.hybrid import HybridSchedule
-from fourdfy.render.cameras import CameraSamplingConfig, Cameras, sample_cameras, sample_video_camera
+from fourdfy.render.cameras import Cameras, CameraSamplingConfig, sample_cameras, sample_video_camera
 from fourdfy.render.volume import Renderer
 from fourdfy.tracking import Logger, NullLogger
 
@@ -114,6 +114,7 @@ class Trainer:
             [{"params": params, "lr": lrs[name], "name": name} for name, params in self.groups.items()],
             betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
         )
+        self.device = next(field.parameters()).device
         self.generator = torch.Generator().manual_seed(seed)
         self.iteration = 0  # next iteration to run
         self.skipped_steps = 0  # non-finite losses or gradients, never applied
@@ -210,12 +211,16 @@ class Trainer:
                 p.requires_grad_(trainable[name])
         self.field.blob_std = self.schedule.blob_std(it, self.blob_std_start)
 
+        # Random draws stay on the CPU generator (exact resume); tensors then go to the field's device.
         if guidance.is_video:
             cameras: Cameras = sample_video_camera(guidance.n_views, self.camera_cfg, self.generator)
         else:
             cameras = sample_cameras(guidance.n_views, self.camera_cfg, self.generator)
-        times = self._sample_times(guidance.n_views, guidance.is_video)
+        cameras = cameras.to(self.device)
+        times = self._sample_times(guidance.n_views, guidance.is_video).to(self.device)
         background = self._background_for_step()
+        if isinstance(background, torch.Tensor):
+            background = background.to(self.device)
         h, w = guidance.native_size
         out = self.renderer.render(self.field, cameras, times, h, w, background=background,
                                    generator=self.generator, train=True)

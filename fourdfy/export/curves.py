@@ -21,6 +21,7 @@ from typing import Any
 from fourdfy.export.video import atomic_output
 
 LOG_FILE = "log.jsonl"
+_DASHES = ("-", "--", ":", "-.")
 
 
 @dataclass
@@ -70,7 +71,8 @@ def read_log(path: Path) -> Curves:
             continue
         records[iteration] = record  # a later line for the same iteration (after a resume) wins
     if skipped:
-        warnings.warn(f"{path}: skipped {skipped} unreadable line(s) (a write cut short by a kill?)", stacklevel=2)
+        warnings.warn(f"{path}: skipped {skipped} unreadable line(s) (a write cut short by a kill?)",
+                      stacklevel=2)
     curves = Curves()
     ordered = [records[i] for i in sorted(records)]
     component_keys = sorted({k for r in ordered for k in r if k.startswith("loss/")})
@@ -92,9 +94,12 @@ def _positive(values: list[float]) -> bool:
     return bool(finite) and min(finite) > 0
 
 
-def plot_curves(curves: Curves, path: Path, title: str | None = None) -> Path:
+def plot_curves(
+    curves: Curves, path: Path, title: str | None = None, stage_starts: list[int] | None = None
+) -> Path:
     """Write a PNG with three panels (total loss per update kind; loss terms; learning rate per group),
-    stage boundaries as dotted lines, atomically. Raises ValueError when ``curves`` is empty."""
+    atomically. Stage starts (e.g. from the schedule's stage lengths) are drawn as dotted lines; without
+    them, where the logged stage changes. Raises ValueError when ``curves`` is empty."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -111,14 +116,17 @@ def plot_curves(curves: Curves, path: Path, title: str | None = None) -> Path:
         ax_terms.plot(curves.iterations, values, linewidth=0.8, label=name)
     ax_terms.set_ylabel("loss terms")
     ax_terms.set_yscale("log" if all(_positive(v) for v in curves.components.values()) else "linear")
-    for group, values in curves.lrs.items():
-        ax_lr.step(curves.iterations, values, where="post", linewidth=1.0, label=group)
+    for i, (group, values) in enumerate(curves.lrs.items()):
+        # Groups often share a rate (static = dynamic = 0.01): dashes keep overlapping lines visible.
+        ax_lr.step(curves.iterations, values, where="post", linewidth=1.0, label=group,
+                   linestyle=_DASHES[i % len(_DASHES)])
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_yscale("log" if all(_positive(v) for v in curves.lrs.values()) else "linear")
     ax_lr.set_xlabel("iteration")
-    # A stage starts where the logged stage changes (between two logged iterations).
-    boundaries = [it for prev, stage, it in zip(curves.stages, curves.stages[1:], curves.iterations[1:],
-                                                strict=False) if stage != prev]
+    if stage_starts is None:  # the first logged iteration of each new stage (log_every may blur it)
+        stage_starts = [it for prev, stage, it in zip(curves.stages, curves.stages[1:], curves.iterations[1:],
+                                                      strict=False) if stage != prev]
+    boundaries = [it for it in stage_starts if curves.iterations[0] < it <= curves.iterations[-1]]
     for ax in (ax_loss, ax_terms, ax_lr):
         for it in boundaries:
             ax.axvline(it, color="gray", linestyle=":", linewidth=0.8)
@@ -132,14 +140,22 @@ def plot_curves(curves: Curves, path: Path, title: str | None = None) -> Path:
     return Path(path)
 
 
-def write_curves(run_dir: Path, out: Path | None = None, title: str | None = None) -> Path:
-    """curves.png of ``run_dir/log.jsonl``, written to ``out`` (default run_dir/renders/curves.png)."""
+def write_curves(
+    run_dir: Path, out: Path | None = None, title: str | None = None, stage_lengths: list[int] | None = None
+) -> Path:
+    """curves.png of ``run_dir/log.jsonl``, written to ``out`` (default run_dir/renders/curves.png).
+
+    stage_lengths: the schedule's iterations per stage, for exact stage boundaries.
+    """
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "renders" / "curves.png"
-    return plot_curves(read_log(run_dir / LOG_FILE), out, title)
+    starts = [sum(stage_lengths[: i + 1]) for i in range(len(stage_lengths) - 1)] if stage_lengths else None
+    return plot_curves(read_log(run_dir / LOG_FILE), out, title, starts)
 
 
-def curves_callback(every: int, title: str | None = None) -> Callable[[Any, int], None]:
+def curves_callback(
+    every: int, title: str | None = None, stage_lengths: list[int] | None = None
+) -> Callable[[Any, int], None]:
     """A trainer callback (``cb(trainer, iteration)``) that redraws run_dir/renders/curves.png every
     ``every`` iterations, so a long run's progress can be watched while it trains."""
     if not isinstance(every, int) or every < 1:
@@ -148,7 +164,7 @@ def curves_callback(every: int, title: str | None = None) -> Callable[[Any, int]
     def callback(trainer: Any, iteration: int) -> None:
         if (iteration + 1) % every == 0 and (Path(trainer.run_dir) / LOG_FILE).exists():
             try:
-                write_curves(trainer.run_dir, title=title)
+                write_curves(trainer.run_dir, title=title, stage_lengths=stage_lengths)
             except ValueError:  # nothing logged yet
                 pass
 

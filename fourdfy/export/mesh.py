@@ -75,7 +75,7 @@ def _device_of(field: Field) -> torch.device:
 
 @torch.no_grad()
 def _query(field: Field, points: torch.Tensor, t: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """field at points [N, 3] (float32) and time t, chunk points per call. Returns CPU (density [N], rgb [N, 3])."""
+    """field at points [N, 3] and time t, chunk points per call. Returns CPU (density [N], rgb [N, 3])."""
     device = _device_of(field)
     densities, colours = [], []
     for start in range(0, points.shape[0], chunk):
@@ -86,7 +86,9 @@ def _query(field: Field, points: torch.Tensor, t: float, chunk: int) -> tuple[to
     return torch.cat(densities), torch.cat(colours)
 
 
-def density_grid(field: Field, t: float, resolution: int, box_radius: float, chunk: int = 1 << 16) -> np.ndarray:
+def density_grid(
+    field: Field, t: float, resolution: int, box_radius: float, chunk: int = 1 << 16
+) -> np.ndarray:
     """Density at time t on resolution³ points spanning [−r, r]³ (ends included): float32 [R, R, R],
     indexed [ix, iy, iz] (x varies along the first axis)."""
     _check_grid_args(resolution, box_radius)
@@ -115,7 +117,8 @@ def extract_mesh(
         )
     spacing = 2.0 * box_radius / (resolution - 1)
     padded = np.pad(volume, 1, constant_values=0.0)  # index 0 of padded sits at −r − spacing
-    verts, faces, _, _ = marching_cubes(padded, level=threshold, spacing=(spacing,) * 3, allow_degenerate=False)
+    verts, faces, _, _ = marching_cubes(padded, level=threshold, spacing=(spacing,) * 3,
+                                        allow_degenerate=False)
     vertices = (verts - (box_radius + spacing)).astype(np.float32)
     # For a density (object above the level) indexed [ix, iy, iz], scikit-image's triangles wind clockwise
     # seen from outside (signed volume < 0); reversed, they face outwards as glTF and trimesh expect.
@@ -137,7 +140,9 @@ def extract_mesh_sequence(
         try:
             meshes.append(extract_mesh(field, t, resolution, threshold, box_radius, chunk))
         except EmptyMeshError as err:
-            raise EmptyMeshError(f"mesh frame {k} of {n_frames} is empty, so nothing was written: {err}") from None
+            raise EmptyMeshError(
+                f"mesh frame {k} of {n_frames} is empty, so nothing was written: {err}"
+            ) from None
     return meshes
 
 
@@ -171,7 +176,9 @@ def write_mesh_sequence(meshes: list[TriMesh], folder: Path, formats: list[str] 
     in ``folder``; frames of those formats left from an earlier, longer export are removed."""
     unknown = [f for f in formats if f not in MESH_FORMATS]
     if unknown or not formats:
-        raise ValueError(f"mesh formats must be a non-empty subset of {list(MESH_FORMATS)}, got {list(formats)}")
+        raise ValueError(
+            f"mesh formats must be a non-empty subset of {list(MESH_FORMATS)}, got {list(formats)}"
+        )
     if not meshes:
         raise ValueError("no meshes to write")
     folder = ensure_writable_dir(Path(folder))
@@ -205,15 +212,18 @@ def build_animated_gltf(meshes: list[TriMesh], fps: float):  # -> pygltflib.GLTF
         extensionsUsed=["KHR_materials_unlit"],
         # Unlit: vertex colours are the field's radiance (already shaded); lighting them again would darken.
         materials=[g.Material(
-            pbrMetallicRoughness=g.PbrMetallicRoughness(baseColorFactor=[1.0, 1.0, 1.0, 1.0], metallicFactor=0.0,
-                                                        roughnessFactor=1.0),
+            pbrMetallicRoughness=g.PbrMetallicRoughness(
+                baseColorFactor=[1.0, 1.0, 1.0, 1.0], metallicFactor=0.0, roughnessFactor=1.0
+            ),
             doubleSided=True, extensions={"KHR_materials_unlit": {}}, name="vertex_colors",
         )],
     )
 
     def add_accessor(array: np.ndarray, kind: str, component: int, target: int | None, bounds: bool) -> int:
         _pad4(blob)
-        gltf.bufferViews.append(g.BufferView(buffer=0, byteOffset=len(blob), byteLength=array.nbytes, target=target))
+        gltf.bufferViews.append(
+            g.BufferView(buffer=0, byteOffset=len(blob), byteLength=array.nbytes, target=target)
+        )
         blob.extend(array.tobytes())
         accessor = g.Accessor(bufferView=len(gltf.bufferViews) - 1, componentType=component, count=len(array),
                               type=kind)
@@ -234,8 +244,8 @@ def build_animated_gltf(meshes: list[TriMesh], fps: float):  # -> pygltflib.GLTF
             attributes=g.Attributes(POSITION=position, COLOR_0=color), indices=indices, material=0,
         )]))
         # Only frame 0 shows in viewers that ignore animations.
-        gltf.nodes.append(g.Node(mesh=k, name=f"frame_{k:03d}", scale=[1.0, 1.0, 1.0] if k == 0 else [0.0] * 3,
-                                 extras={"time": mesh.time}))
+        scale = [1.0, 1.0, 1.0] if k == 0 else [0.0, 0.0, 0.0]
+        gltf.nodes.append(g.Node(mesh=k, name=f"frame_{k:03d}", scale=scale, extras={"time": mesh.time}))
         frame_nodes.append(k)
     root = len(gltf.nodes)
     gltf.nodes.append(g.Node(name="fourdfy_z_up", rotation=_Z_UP_TO_Y_UP, children=frame_nodes))

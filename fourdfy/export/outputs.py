@@ -45,8 +45,10 @@ def eval_renderer(cfg: RunConfig) -> Renderer:
     return Renderer(RendererConfig(n_samples=cfg.eval.n_samples, radius=cfg.renderer.radius))
 
 
-def export_videos(cfg: RunConfig, field: Field, out_dir: Path, renderer: Renderer | None = None) -> dict[str, Path]:
-    """orbit.mp4 (+ captioned mp4 / gif), and with eval.extra_videos static_orbit, fixed_view and depth videos.
+def export_videos(
+    cfg: RunConfig, field: Field, out_dir: Path, renderer: Renderer | None = None
+) -> dict[str, Path]:
+    """orbit.mp4 (+ captioned mp4 / gif); with eval.extra_videos also static_orbit, fixed_view and depth.
 
     Returns name -> path of every file written.
     """
@@ -89,7 +91,9 @@ def export_grid(cfg: RunConfig, field: Field, out_dir: Path, renderer: Renderer 
     return write_grid(grid, Path(out_dir) / "grid.png", caption=cfg.prompt if ev.captions else None)
 
 
-def export_meshes(cfg: RunConfig, field: Field, out_dir: Path, sequence: bool = True, glb: bool = True) -> list[Path]:
+def export_meshes(
+    cfg: RunConfig, field: Field, out_dir: Path, sequence: bool = True, glb: bool = True
+) -> list[Path]:
     """mesh/frame_<k>.<fmt> (eval.mesh_formats) and/or mesh.glb at eval.mesh_frames times.
 
     Every frame is extracted before anything is written: an empty mesh (threshold above the density)
@@ -112,7 +116,7 @@ def export_meshes(cfg: RunConfig, field: Field, out_dir: Path, sequence: bool = 
 def write_outputs(
     cfg: RunConfig, field: torch.nn.Module, run_dir: Path, logger: Logger, step: int
 ) -> dict[str, float]:
-    """Videos, views×time grid, curves.png, meshes (eval.mesh_on_finish) and (toy world) ground-truth metrics."""
+    """Videos, views×time grid, curves.png, meshes (if eval.mesh_on_finish), toy-world metrics."""
     run_dir = Path(run_dir)
     renders = run_dir / "renders"
     ev = cfg.eval
@@ -124,7 +128,9 @@ def write_outputs(
     logger.log_image("renders/grid", grid, step)
     if (run_dir / LOG_FILE).exists():
         try:
-            logger.log_image("renders/curves", write_curves(run_dir, renders / "curves.png", cfg.prompt), step)
+            curves = write_curves(run_dir, renders / "curves.png", cfg.prompt,
+                                  stage_lengths=list(cfg.schedule.stage_lengths))
+            logger.log_image("renders/curves", curves, step)
         except ValueError as err:  # an empty log: the run has nothing to plot, which must not fail it
             warnings.warn(f"curves.png not written: {err}", stacklevel=2)
     if ev.mesh_on_finish:
@@ -136,7 +142,7 @@ def write_outputs(
     if cfg.guidance.backend == "synthetic":
         from fourdfy.synthetic.evaluate import ground_truth_metrics
 
-        metrics.update(ground_truth_metrics(field, cfg.prompt, ev.times, ev.orbit_views, ev.size, ev.n_samples,
-                                            radius=cfg.guidance.synthetic.data.render_radius))
+        metrics.update(ground_truth_metrics(field, cfg.prompt, ev.times, ev.orbit_views, ev.size,
+                                            ev.n_samples, radius=cfg.guidance.synthetic.data.render_radius))
         logger.log({f"eval/{k}": v for k, v in metrics.items()}, step)
     return metrics

@@ -256,7 +256,9 @@ def caption_band(text: str, width: int, font_size: int = CAPTION_FONT_SIZE) -> n
     return np.asarray(band)
 
 
-def add_caption(frames: torch.Tensor | np.ndarray, text: str, min_width: int = CAPTION_MIN_WIDTH) -> np.ndarray:
+def add_caption(
+    frames: torch.Tensor | np.ndarray, text: str, min_width: int = CAPTION_MIN_WIDTH
+) -> np.ndarray:
     """Frames [T, H, W, 3] (float in [0,1] or uint8) with ``text`` on a white band above them.
 
     Frames narrower than ``min_width`` are first enlarged by the smallest integer factor that reaches it
@@ -286,8 +288,10 @@ def _pad_even(array: np.ndarray) -> np.ndarray:
     return np.pad(array, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), constant_values=255)
 
 
-def write_video(frames: torch.Tensor | np.ndarray, path: Path, fps: float = 15, caption: str | None = None) -> Path:
-    """Write frames [T,H,W,3] (float in [0,1] or uint8) as mp4 (libx264 via imageio-ffmpeg) or gif, atomically.
+def write_video(
+    frames: torch.Tensor | np.ndarray, path: Path, fps: float = 15, caption: str | None = None
+) -> Path:
+    """Write frames [T,H,W,3] (float in [0,1] or uint8) as mp4 (libx264, imageio-ffmpeg) or gif, atomically.
 
     caption: text drawn above the frames (see :func:`add_caption`); None writes the frames as they are.
     """

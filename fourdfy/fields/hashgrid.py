@@ -323,7 +323,7 @@ class _HashGridFunction(torch.autograd.Function):
         for start in range(0, x.shape[0], plan.chunk_size):
             stop = start + plan.chunk_size
             _encode_chunk(x[start:stop], entries, plan, out[start:stop])
-        return out.view(x.shape[0], -1)
+        return out.view(x.shape[0], plan.n_levels * plan.n_features)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
@@ -386,7 +386,9 @@ class HashGridEncoding(nn.Module):
         if base_resolution < 1:
             raise ValueError(f"base_resolution must be >= 1, got {base_resolution}")
         if not per_level_scale >= 1.0:
-            raise ValueError(f"per_level_scale must be >= 1 (each level at least as fine as the last), got {per_level_scale}")
+            raise ValueError(
+                f"per_level_scale must be >= 1 (levels must not get coarser), got {per_level_scale}"
+            )
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         if backend not in ("torch", "tcnn"):

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur
 
 from fourdfy.guidance.base import GuidanceOut, sds_loss
