@@ -1,9 +1,10 @@
-"""Multiresolution hash grid encoding, bit-compatible with tiny-cuda-nn's "HashGrid" (Instant-NGP).
+"""Multiresolution hash grid encoding with tiny-cuda-nn's "HashGrid" semantics (Instant-NGP).
 
 The pure-PyTorch path is the reference (and the default); it reproduces tiny-cuda-nn's level sizes,
 parameter layout, hashing and N-linear interpolation, so a state dict saved from a
-``tinycudann.Encoding`` (key ``params``) loads unchanged and gives the same numbers. On a CUDA machine with
-``tinycudann`` installed, ``backend="tcnn"`` runs the same parameters through the CUDA kernels.
+``tinycudann.Encoding`` (key ``params``) loads unchanged and gives the same numbers up to float32
+rounding (~1e-7). On a CUDA machine with ``tinycudann`` installed, ``backend="tcnn"`` runs the same
+parameters through the CUDA kernels.
 
 Semantics (tiny-cuda-nn ``include/tiny-cuda-nn/encodings/grid.h``), per level ``l``:
 
@@ -19,6 +20,11 @@ Semantics (tiny-cuda-nn ``include/tiny-cuda-nn/encodings/grid.h``), per level ``
   hashed: ``index = (XOR_d corner_d * P_d mod 2^32) % T_l`` with ``P = (1, 2654435761, 805459861,
   3674653429)``.
 - Output column ``l * F + f``.
+
+CPU performance notes: points are processed in chunks, all levels of a kind (dense / hashed) at once;
+with F = 2 each table entry is viewed as one complex64, so a corner lookup is one 8-byte gather and the
+backward one `index_add_`; backward recomputes indices and weights instead of saving them, so memory
+stays O(N * D) beyond the output. The random gathers/scatters dominate (memory latency).
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ _TCNN_PRIMES = (1, 2654435761, 805459861, 3674653429)
 _TABLE_ALIGNMENT = 8
 # tiny-cuda-nn's GridEncoding::initialize_params: uniform in [-1e-4, 1e-4].
 _TCNN_INIT_RANGE = 1e-4
-# Points per chunk of the torch backend (measured on the 2-core CPU, see tests/test_hashgrid.py docstring).
+# Points per chunk of the torch backend: keeps each temporary (<= L * 2^D * chunk elements) under glibc's
+# 32 MiB mmap threshold so it is reused rather than page-faulted anew; 2^11..2^15 measured within noise.
 _DEFAULT_CHUNK = 1 << 13
 
 Backend = Literal["torch", "tcnn"]
@@ -147,7 +154,10 @@ def _make_plan(layout: GridLayout, n_dims: int, n_features: int, log2_hashmap_si
         n_features=n_features,
         groups=tuple(groups),
         hash_mask=(1 << log2_hashmap_size) - 1,
-        index_dtype=torch.int32 if layout.level_offsets[-1] < 2**31 else torch.int64,
+        # A dense index may reach 2T before its `% T`, hence the second term.
+        index_dtype=torch.int32
+        if layout.level_offsets[-1] + 2 * max(layout.table_sizes) < 2**31
+        else torch.int64,
         chunk_size=chunk,
     )
 
@@ -412,9 +422,9 @@ class HashGridEncoding(nn.Module):
 
         self.params = nn.Parameter(torch.empty(self.n_params).uniform_(-_TCNN_INIT_RANGE, _TCNN_INIT_RANGE))
         self._plan = _make_plan(layout, n_input_dims, n_features_per_level, log2_hashmap_size, chunk_size)
-        self._tcnn: Any = None
-        if backend == "tcnn":
-            self._tcnn = self._make_tcnn()
+        # Set with object.__setattr__ so tcnn's module is not registered as a child: its `params` would
+        # otherwise appear twice in the state dict, which must stay {"params"} like tcnn's own.
+        object.__setattr__(self, "_tcnn", self._make_tcnn() if backend == "tcnn" else None)
 
     def _make_tcnn(self) -> Any:
         try:
@@ -470,11 +480,14 @@ class HashGridEncoding(nn.Module):
         if self._tcnn is not None:
             return self._forward_tcnn(x)
         dtype = self.params.dtype
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"params must be float32 or float64 (tcnn computes in float32), got {dtype}")
         return _HashGridFunction.apply(x.to(dtype).contiguous(), self.params, self._plan)
 
     def _forward_tcnn(self, x: Tensor) -> Tensor:
         if not (x.is_cuda and self.params.is_cuda):
             raise ValueError("backend='tcnn' needs x and the module on a CUDA device; call .cuda() on both")
-        # Share the one parameter: tcnn's module is deliberately not a child (state dict = {"params"}).
+        # Share the one parameter (re-bound every call, so `.to()`/`load_state_dict` on this module
+        # are always what tcnn sees).
         self._tcnn.params = self.params
         return self._tcnn(x).to(self.params.dtype)
