@@ -20,6 +20,7 @@ from torch import nn
 
 from fourdfy.checkpoint import load_latest_checkpoint
 from fourdfy.config import FieldConfig, HashGridConfig, RunConfig
+from fourdfy.export.curves import curves_callback
 from fourdfy.export.outputs import write_outputs
 from fourdfy.fields.background import BackgroundMLP
 from fourdfy.fields.dense import DenseGridEncoding3D, DenseGridEncoding4D
@@ -131,10 +132,11 @@ def generate(cfg: RunConfig, run_dir: Path, callbacks: list[Callback] | None = N
     schedule = HybridSchedule(cfg.schedule)
     logger = make_logger(cfg.logger, run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)),
                          name=f"{cfg.variant.name}/{cfg.prompt}", job_type=cfg.variant.name)
+    live_curves = curves_callback(cfg.trainer.checkpoint_every, cfg.prompt, cfg.schedule.stage_lengths)
     trainer = Trainer(
         cfg.trainer, field, background, Renderer(cfg.renderer), guidances, schedule, cfg.cameras, cfg.prompt,
         run_dir, seed=cfg.seed, random_background_prob=cfg.field.background.random_color_prob, logger=logger,
-        callbacks=callbacks,
+        callbacks=[live_curves, *(callbacks or [])],
     )
     if trainer.try_resume():
         print(f"[fourdfy] resumed {run_dir} at iteration {trainer.iteration}")
@@ -172,5 +174,7 @@ def load_run(run_dir: Path) -> tuple[RunConfig, Field4D, BackgroundMLP, int]:
     field, background = build_field(cfg.field)
     field.load_state_dict(state["field"])
     background.load_state_dict(state["background"])
+    # The blob std is a function of the iteration (annealed in stage 3), not checkpointed state.
+    field.blob_std = HybridSchedule(cfg.schedule).blob_std(max(state["iteration"] - 1, 0), cfg.field.heads.blob_std)
     field.eval()
     return cfg, field, background, state["iteration"]

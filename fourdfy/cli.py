@@ -65,7 +65,6 @@ def export(args: argparse.Namespace) -> list[Path]:
     from fourdfy.api import load_run, load_run_config
     from fourdfy.export.curves import LOG_FILE, write_curves
     from fourdfy.export.outputs import eval_renderer, export_grid, export_meshes, export_videos
-    from fourdfy.hybrid import HybridSchedule
 
     run_dir: Path = args.run_dir
     if not run_dir.is_dir():
@@ -81,10 +80,6 @@ def export(args: argparse.Namespace) -> list[Path]:
             cfg, field, _, iteration = load_run(run_dir)
         except FileNotFoundError as err:
             raise CommandError(f"{err}; nothing to export from (train first: python run.py ...)") from err
-        # Field4D.blob_std is set by the schedule each iteration and not saved: restore the value of the
-        # last trained iteration (it changes during stage 3 when the blob is annealed).
-        schedule = HybridSchedule(cfg.schedule)
-        field.blob_std = schedule.blob_std(max(iteration - 1, 0), cfg.field.heads.blob_std)
         ev = cfg.eval
         for name, value in (("mesh_threshold", args.threshold), ("mesh_resolution", args.resolution),
                             ("mesh_frames", args.mesh_frames), ("mesh_fps", args.mesh_fps),

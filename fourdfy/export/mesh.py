@@ -170,15 +170,26 @@ def write_mesh(mesh: TriMesh, path: Path) -> Path:
     return path
 
 
+def check_mesh_formats(formats: list[str] | tuple[str, ...]) -> None:
+    """Raise ValueError unless ``formats`` is a non-empty subset of MESH_FORMATS (eval.mesh_formats)."""
+    if not formats or any(f not in MESH_FORMATS for f in formats):
+        raise ValueError(
+            f"mesh formats (eval.mesh_formats) must be a non-empty subset of {list(MESH_FORMATS)}, "
+            f"got {list(formats)}"
+        )
+
+
+def check_fps(fps: float) -> None:
+    """Raise ValueError unless fps is a finite rate > 0 (eval.mesh_fps)."""
+    if not (math.isfinite(fps) and fps > 0):
+        raise ValueError(f"mesh fps (eval.mesh_fps) must be > 0, got {fps}")
+
+
 def write_mesh_sequence(meshes: list[TriMesh], folder: Path, formats: list[str] | tuple[str, ...] = ("ply",),
                         **info: float | int) -> list[Path]:
     """Write frame_000.<fmt>, frame_001.<fmt>, ... and frames.json (times and ``info``, e.g. the threshold)
     in ``folder``; frames of those formats left from an earlier, longer export are removed."""
-    unknown = [f for f in formats if f not in MESH_FORMATS]
-    if unknown or not formats:
-        raise ValueError(
-            f"mesh formats must be a non-empty subset of {list(MESH_FORMATS)}, got {list(formats)}"
-        )
+    check_mesh_formats(formats)
     if not meshes:
         raise ValueError("no meshes to write")
     folder = ensure_writable_dir(Path(folder))
@@ -203,8 +214,7 @@ def build_animated_gltf(meshes: list[TriMesh], fps: float):  # -> pygltflib.GLTF
 
     if not meshes:
         raise ValueError("no meshes to animate")
-    if not (math.isfinite(fps) and fps > 0):
-        raise ValueError(f"mesh fps must be > 0, got {fps}")
+    check_fps(fps)
     blob = bytearray()
     gltf = g.GLTF2(
         asset=g.Asset(generator="fourdfy"),

@@ -23,7 +23,14 @@ import torch
 
 from fourdfy.config import RunConfig
 from fourdfy.export.curves import LOG_FILE, write_curves
-from fourdfy.export.mesh import EmptyMeshError, extract_mesh_sequence, write_animated_glb, write_mesh_sequence
+from fourdfy.export.mesh import (
+    EmptyMeshError,
+    check_fps,
+    check_mesh_formats,
+    extract_mesh_sequence,
+    write_animated_glb,
+    write_mesh_sequence,
+)
 from fourdfy.export.video import (
     EVAL_DISTANCE,
     colorize_depth,
@@ -102,6 +109,11 @@ def export_meshes(
     ev, out_dir = cfg.eval, Path(out_dir)
     if not (sequence or glb):
         return []
+    # Settings are checked before the (slow) extraction, not after it.
+    if sequence:
+        check_mesh_formats(ev.mesh_formats)
+    if glb:
+        check_fps(ev.mesh_fps)
     meshes = extract_mesh_sequence(field, ev.mesh_frames, ev.mesh_resolution, ev.mesh_threshold,
                                    cfg.field.box_radius)
     paths: list[Path] = []
