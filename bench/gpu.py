@@ -1,0 +1,507 @@
+"""Full-size GPU benchmark: seconds per iteration of each update kind, peak memory, and the networks' floor.
+
+    python -m bench.gpu --preset paper|lowmem [--iters 3] [--warmup 1] [--out FILE]
+    python -m bench.gpu --tiny                # the same code path on tiny models (CPU works), for tests
+
+Builds every network of the paper's three priors at full size with random weights — the compute cost does
+not depend on the weight values — from the published configs written below (MVDream's multi-view UNet,
+SD 2.1-base and SD 2.1 (768-v) UNets, Zeroscope v2 576w's UNet3D, their VAEs and CLIP text encoders),
+wraps them in the real guidance classes (`MVDreamGuidance`, `SDVSDGuidance`, `ZeroscopeGuidance`), builds
+the paper-size hash-grid field, and runs `Trainer.step()` with the update kind forced, per kind.
+
+Printed JSON, per kind ("3d", "img", "vid"):
+- ``iteration_s``: median seconds of one full training iteration (render, guidance, backward, AdamW, and
+  for IMG the LoRA fine-tuning step), CUDA-synchronised;
+- ``floor_s``: the networks' own work alone at the same shapes, the least any implementation must do:
+  the UNet forward passes (CFG batch ×2; IMG: pretrained + LoRA branch), the VAE encoding with its
+  backward, and for IMG the LoRA fine-tuning forward + backward; ``floor_parts_s`` lists them;
+- ``overhead_ratio`` = iteration_s / floor_s (1.0 = no overhead beyond the networks);
+- ``peak_memory_gib``: ``torch.cuda.max_memory_allocated`` over that kind's iterations.
+
+Presets: ``paper`` keeps every network on the GPU in fp16 (the authors' half_precision_weights) with the
+full VAE graph; ``lowmem`` offloads each prior's UNet and text encoder to the CPU between calls,
+recomputes VAE-encoder activations in backward and keeps the VAE graph of only 4 of the 16 video frames
+(the memory levers of `fourdfy.guidance.memory`).
+
+Without CUDA (and without --tiny) it exits with status 2 and a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+EXIT_NO_CUDA = 2  # exit status when no CUDA device is available
+
+# ---------------------------------------------------------------- published configs (full size)
+
+# stabilityai/stable-diffusion-2-1-base, unet/config.json (865,910,724 parameters).
+SD21_BASE_UNET: dict[str, Any] = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "attention_head_dim": [5, 10, 20, 20],
+    "cross_attention_dim": 1024,
+    "use_linear_projection": True,
+    "upcast_attention": False,
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "act_fn": "silu",
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+}
+# stabilityai/stable-diffusion-2-1 (768-v), unet/config.json: the base config at 96² latents with
+# upcast_attention (same parameter count).
+SD21_V_UNET: dict[str, Any] = {**SD21_BASE_UNET, "sample_size": 96, "upcast_attention": True}
+# stabilityai/stable-diffusion-2-1(-base), vae/config.json (83,653,863 parameters); Zeroscope: same VAE.
+SD_VAE: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "act_fn": "silu",
+    "scaling_factor": 0.18215,
+}
+# stabilityai/stable-diffusion-2-1(-base), text_encoder/config.json: OpenCLIP ViT-H-14's text tower without
+# its last layer (23 of 24), hidden 1024 (340,387,840 parameters). Zeroscope uses the same encoder.
+SD21_TEXT_ENCODER: dict[str, Any] = {
+    "vocab_size": 49408,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 23,
+    "num_attention_heads": 16,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-5,
+    "projection_dim": 512,
+    "pad_token_id": 1,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+}
+# cerspense/zeroscope_v2_576w, unet/config.json (ModelScope text-to-video architecture, UNet3DConditionModel).
+ZEROSCOPE_UNET: dict[str, Any] = {
+    "sample_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock3D"] * 3 + ["DownBlock3D"],
+    "up_block_types": ["UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"],
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "attention_head_dim": 64,
+    "cross_attention_dim": 1024,
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "act_fn": "silu",
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+}
+
+# ---------------------------------------------------------------- tiny configs (--tiny: logic checks on CPU)
+
+TINY_CONTEXT = 32  # tiny text width = every tiny UNet's cross-attention width
+TINY_UNET2D: dict[str, Any] = {
+    "sample_size": 8,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [8, 16],
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "cross_attention_dim": TINY_CONTEXT,
+    "attention_head_dim": 2,
+    "use_linear_projection": True,
+}
+TINY_UNET3D: dict[str, Any] = {
+    "sample_size": 8,
+    "down_block_types": ["CrossAttnDownBlock3D", "DownBlock3D"],
+    "up_block_types": ["UpBlock3D", "CrossAttnUpBlock3D"],
+    "block_out_channels": [8, 16],
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "cross_attention_dim": TINY_CONTEXT,
+    "attention_head_dim": 4,
+}
+TINY_VAE: dict[str, Any] = {
+    **SD_VAE, "block_out_channels": [8, 8, 8, 8], "layers_per_block": 1, "norm_num_groups": 4,
+    "sample_size": 64,
+}
+TINY_TEXT_ENCODER: dict[str, Any] = {
+    **SD21_TEXT_ENCODER, "hidden_size": TINY_CONTEXT, "intermediate_size": 37, "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+}
+TINY_MVDREAM_UNET: dict[str, Any] = {
+    "image_size": 4, "in_channels": 4, "out_channels": 4, "model_channels": 32, "attention_resolutions": [1],
+    "num_res_blocks": 1, "channel_mult": [1, 2], "num_head_channels": 16, "use_spatial_transformer": True,
+    "use_linear_in_transformer": True, "transformer_depth": 1, "context_dim": TINY_CONTEXT,
+    "use_checkpoint": False, "legacy": False, "camera_dim": 16,
+}
+
+PROMPT = "a panda dancing"  # any prompt: the cost does not depend on it (77 tokens always)
+KINDS = ("3d", "img", "vid")
+# An iteration of each kind's stage, so the schedule's learning rates and regularisers are those of
+# the stage where the kind occurs (stage 1: 3D; stage 2: IMG; stage 3: VID), with the paper's lengths.
+KIND_ITERATION = {"3d": 0, "img": 10_000, "vid": 35_000}
+LOWMEM_VAE_GRAD_FRAMES = 4  # lowmem preset: video frames whose VAE encoding keeps its graph (bench's choice)
+HASHGRID_CHUNK_CUDA = 1 << 18  # points per hash-grid chunk on the GPU (bounds temporaries to ~0.5 GB)
+
+
+class StubTokenizer:
+    """Stand-in for CLIP's BPE tokenizer (no vocabulary files on the GPU machine): one id per byte.
+
+    The text encoder always sees 77 positions, so its cost is that of the real tokenizer's ids.
+    """
+
+    model_max_length = 77
+    _BOS, _EOS, _PAD = 49406, 49407, 0  # CLIP's start/end tokens; SD 2.x pads with id 0
+
+    def __call__(
+        self,
+        text: str | list[str],
+        padding: str | bool = False,
+        max_length: int | None = None,
+        truncation: bool = False,
+        return_tensors: str | None = None,
+        verbose: bool = True,
+    ) -> dict[str, Any]:
+        texts = [text] if isinstance(text, str) else list(text)
+        ids = [[self._BOS, *text_ids[: self.model_max_length - 2], self._EOS]
+               for text_ids in ([b + 256 for b in t.encode()] for t in texts)]
+        if padding == "max_length":
+            length = max_length or self.model_max_length
+            ids = [row + [self._PAD] * (length - len(row)) for row in ids]
+        if return_tensors == "pt":
+            return {"input_ids": torch.tensor(ids)}
+        return {"input_ids": ids[0] if isinstance(text, str) else ids}
+
+
+@dataclass
+class BenchSetup:
+    """What one bench run builds: the priors and the field, with their shapes and sizes."""
+
+    guidances: dict[str, Any]  # update kind -> constructed guidance object
+    field: Any  # Field4D
+    background: Any  # BackgroundMLP
+    renderer_cfg: Any  # RendererConfig
+    n_params: dict[str, int]  # network name -> parameter count
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int) -> list[float]:
+    """Seconds of each of `iters` calls of fn after `warmup` untimed ones (CUDA-synchronised)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def build(preset: str, tiny: bool, device: torch.device) -> BenchSetup:
+    """Random-weight full-size (or tiny) networks, the three guidance objects and the field."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel, UNet3DConditionModel
+    from diffusers.utils import logging as diffusers_logging
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from fourdfy.config import FieldConfig
+    from fourdfy.fields.background import BackgroundMLP
+    from fourdfy.fields.field4d import Field4D
+    from fourdfy.fields.hashgrid import HashGridEncoding
+    from fourdfy.guidance.mvdream import MVDreamConfig, MVDreamGuidance, MVDreamModels
+    from fourdfy.guidance.noise import scaled_linear_alphas_cumprod
+    from fourdfy.guidance.sd_vsd import SDVSDConfig, SDVSDGuidance, SDVSDModels
+    from fourdfy.guidance.weights import NoiseSchedule
+    from fourdfy.guidance.zeroscope import ZeroscopeConfig, ZeroscopeGuidance, ZeroscopeModels
+    from fourdfy.models.mvdream_unet import MVDREAM_SD21_BASE_4VIEW_CONFIG, MultiViewUNet
+    from fourdfy.render.volume import RendererConfig
+
+    diffusers_logging.set_verbosity_error()  # its "cast with to()" notice is about loading, not us
+    lowmem = preset == "lowmem"
+    dtype = torch.float16 if device.type == "cuda" else torch.float32  # authors' half_precision_weights
+    unet2d_base = TINY_UNET2D if tiny else SD21_BASE_UNET
+    unet2d_v = TINY_UNET2D if tiny else SD21_V_UNET
+    unet3d = TINY_UNET3D if tiny else ZEROSCOPE_UNET
+    vae_cfg = TINY_VAE if tiny else SD_VAE
+    text_cfg = TINY_TEXT_ENCODER if tiny else SD21_TEXT_ENCODER
+    mv_cfg = TINY_MVDREAM_UNET if tiny else dict(MVDREAM_SD21_BASE_4VIEW_CONFIG)
+
+    def make(factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+        # Initialised on the device (fast for ~4e9 parameters), then cast to the weight dtype.
+        with torch.device(device):
+            return factory().to(dtype)
+
+    def text_encoder() -> torch.nn.Module:
+        return make(lambda: CLIPTextModel(CLIPTextConfig(**text_cfg)))
+
+    def vae() -> torch.nn.Module:
+        return make(lambda: AutoencoderKL(**vae_cfg))
+
+    sd_schedule = NoiseSchedule(scaled_linear_alphas_cumprod(), "epsilon")  # SD 2.1 scheduler_config.json
+    v_schedule = NoiseSchedule(scaled_linear_alphas_cumprod(), "v_prediction")
+
+    mv_models = MVDreamModels(make(lambda: MultiViewUNet(**mv_cfg)), vae(), StubTokenizer(), text_encoder())
+    sd_models = SDVSDModels(
+        unet=make(lambda: UNet2DConditionModel(**unet2d_base)),
+        unet_lora=make(lambda: UNet2DConditionModel(**unet2d_v)),
+        vae=vae(), tokenizer=StubTokenizer(), text_encoder=text_encoder(),
+        schedule=sd_schedule, schedule_lora=v_schedule,
+    )
+    zs_models = ZeroscopeModels(
+        unet=make(lambda: UNet3DConditionModel(**unet3d)), vae=vae(), tokenizer=StubTokenizer(),
+        text_encoder=text_encoder(), schedule=sd_schedule,
+    )
+    n_params = {
+        "mvdream_unet": _count(mv_models.unet), "sd21_base_unet": _count(sd_models.unet),
+        "sd21_v_unet": _count(sd_models.unet_lora), "zeroscope_unet3d": _count(zs_models.unet),
+        "vae": _count(mv_models.vae), "clip_text_encoder": _count(mv_models.text_encoder),
+    }
+
+    memory = {"offload": lowmem, "vae_gradient_checkpointing": lowmem}
+    mv_cfg_g = MVDreamConfig(**memory)
+    sd_cfg_g = SDVSDConfig(**memory)
+    zs_cfg_g = ZeroscopeConfig(vae_grad_frames=LOWMEM_VAE_GRAD_FRAMES if lowmem else None, **memory)
+    if tiny:  # tiny render sizes (latents 4×4, 8×8, 4 frames of 4×6), as tests/tiny_models.py
+        mv_cfg_g.image_size, mv_cfg_g.render_sizes = 32, (32,)
+        sd_cfg_g.render_size, sd_cfg_g.image_size = 32, 64
+        zs_cfg_g.n_frames, zs_cfg_g.render_height, zs_cfg_g.render_width = 4, 16, 24
+        zs_cfg_g.image_height, zs_cfg_g.image_width = 32, 48
+        zs_cfg_g.vae_grad_frames = 2 if lowmem else None
+    guidances = {
+        "3d": MVDreamGuidance(mv_cfg_g, mv_models, device=device, dtype=dtype),
+        "img": SDVSDGuidance(sd_cfg_g, sd_models, device=device, dtype=dtype),
+        "vid": ZeroscopeGuidance(zs_cfg_g, zs_models, device=device, dtype=dtype),
+    }
+
+    field_cfg = FieldConfig()  # the paper's grids: 16 levels × 2 features, 2^19 entries, 16 -> 4096
+    chunk = HASHGRID_CHUNK_CUDA if device.type == "cuda" else 1 << 13
+
+    def grid(n_dims: int) -> HashGridEncoding:
+        g = field_cfg.static_grid if n_dims == 3 else field_cfg.dynamic_grid
+        log2 = 12 if tiny else g.log2_hashmap_size
+        return HashGridEncoding(n_dims, g.n_levels, g.n_features_per_level, log2, g.base_resolution,
+                                g.per_level_scale, backend=g.backend, chunk_size=chunk)
+
+    field = Field4D(grid(3), grid(4), field_cfg.heads, box_radius=field_cfg.box_radius).to(device)
+    background = BackgroundMLP(field_cfg.background).to(device)
+    renderer_cfg = RendererConfig(n_samples=8 if tiny else RendererConfig().n_samples)
+    n_params["field"] = _count(field)
+    return BenchSetup(guidances, field, background, renderer_cfg, n_params)
+
+
+class _DeviceRenderer:
+    """The renderer with the sampled cameras moved to the field's device.
+
+    The trainer samples cameras on the CPU (its generator's device) and the renderer renders where the
+    cameras are; this is the one hook the bench needs to run `Trainer.step()` on a GPU.
+    """
+
+    def __init__(self, renderer: Any, device: torch.device) -> None:
+        self.renderer, self.device = renderer, device
+
+    def render(self, field: Any, cameras: Any, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        return self.renderer.render(field, cameras.to(self.device), *args, **kwargs)
+
+
+def floor_parts(kind: str, guidance: Any, device: torch.device) -> dict[str, Callable[[], None]]:
+    """The networks' own passes of one update of `kind`, at the guidance's shapes, as timed callables."""
+    from fourdfy.guidance.memory import encode_latents
+
+    dtype = guidance.dtype
+    text_width = guidance.text.text_encoder.config.hidden_size
+    gen = torch.Generator().manual_seed(0)
+
+    def vae_fwd_bwd(images_shape: tuple[int, ...]) -> Callable[[], None]:
+        images = torch.rand(images_shape, device=device, requires_grad=True)
+
+        def run() -> None:
+            encode_latents(guidance.vae, images, gen).sum().backward()
+            images.grad = None
+        return run
+
+    if kind == "3d":
+        b, s = guidance.n_views, guidance.cfg.image_size
+        lat = s // 8
+        z = torch.randn(2 * b, 4, lat, lat, device=device, dtype=dtype)
+        t = torch.full((2 * b,), 500, device=device)
+        ctx = torch.randn(2 * b, 77, text_width, device=device, dtype=dtype)
+        cam = torch.randn(2 * b, 16, device=device)
+
+        @torch.no_grad()
+        def unet() -> None:
+            guidance.unet(z, t, ctx, cam, b)
+        return {"unet_cfg_forward": unet, "vae_encode_fwd_bwd": vae_fwd_bwd((b, 3, s, s))}
+    if kind == "img":
+        s = guidance.cfg.image_size
+        lat = s // 8
+        z = torch.randn(2, 4, lat, lat, device=device, dtype=dtype)
+        t = torch.full((2,), 300, device=device)
+        ctx = torch.randn(2, 77, text_width, device=device, dtype=dtype)
+        cam = torch.randn(2, 16, device=device)
+
+        @torch.no_grad()
+        def unets() -> None:
+            with guidance._pretrained_branch():
+                guidance.unet(z, t, encoder_hidden_states=ctx)
+            guidance.unet_lora(z, t, encoder_hidden_states=ctx, class_labels=cam)
+
+        def lora_train() -> None:
+            out = guidance.unet_lora(z[:1], t[:1], encoder_hidden_states=ctx[:1], class_labels=cam[:1]).sample
+            out.float().square().mean().backward()
+            guidance.optimizer.zero_grad(set_to_none=True)
+        return {"unet_cfg_forward_pretrained_and_lora": unets, "lora_finetune_fwd_bwd": lora_train,
+                "vae_encode_fwd_bwd": vae_fwd_bwd((1, 3, s, s))}
+    if kind == "vid":
+        c = guidance.cfg
+        z = torch.randn(2, 4, c.n_frames, c.image_height // 8, c.image_width // 8, device=device, dtype=dtype)
+        t = torch.full((2,), 500, device=device)
+        ctx = torch.randn(2, 77, text_width, device=device, dtype=dtype)
+
+        @torch.no_grad()
+        def unet3d() -> None:
+            guidance.unet(z, t, encoder_hidden_states=ctx)
+        n_grad = c.vae_grad_frames or c.n_frames  # frames encoded with a graph; the rest are forward only
+        parts = {"unet_cfg_forward": unet3d,
+                 "vae_encode_fwd_bwd": vae_fwd_bwd((n_grad, 3, c.image_height, c.image_width))}
+        if n_grad < c.n_frames:
+            images = torch.rand(c.n_frames - n_grad, 3, c.image_height, c.image_width, device=device)
+
+            @torch.no_grad()
+            def vae_rest() -> None:
+                encode_latents(guidance.vae, images, gen)
+            parts["vae_encode_forward_no_grad"] = vae_rest
+        return parts
+    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+
+def run_bench(preset: str, tiny: bool, iters: int, warmup: int, kinds: tuple[str, ...]) -> dict[str, Any]:
+    """Build everything, time each kind's iteration and floor; the JSON-ready result."""
+    from fourdfy.hybrid import HybridSchedule, ScheduleConfig
+    from fourdfy.render.cameras import CameraSamplingConfig
+    from fourdfy.render.volume import Renderer
+    from fourdfy.trainer import Trainer, TrainerConfig
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    t0 = time.perf_counter()
+    setup = build(preset, tiny, device)
+    _sync(device)
+    result: dict[str, Any] = {
+        "preset": preset, "tiny": tiny, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else "cpu", "torch": torch.__version__, "iters": iters, "warmup": warmup,
+        "n_samples_per_ray": setup.renderer_cfg.n_samples, "n_params": setup.n_params,
+        "build_s": round(time.perf_counter() - t0, 2), "kinds": {},
+    }
+    trainer = Trainer(
+        TrainerConfig(n_frames=setup.guidances["vid"].n_frames, progress_bar=False),
+        setup.field, setup.background,
+        _DeviceRenderer(Renderer(setup.renderer_cfg), device),  # type: ignore[arg-type]
+        setup.guidances, HybridSchedule(ScheduleConfig()), CameraSamplingConfig(), PROMPT,
+        tempfile.mkdtemp(prefix="fourdfy-bench-"), seed=0,
+    )
+    for kind in kinds:
+        guidance = setup.guidances[kind]
+        entry: dict[str, Any] = {"n_views": guidance.n_views, "render_size": list(guidance.native_size)}
+        try:
+            trainer.schedule.kind = lambda i, gen, k=kind: k  # type: ignore[method-assign]
+
+            def step(k: str = kind) -> None:
+                trainer.iteration = KIND_ITERATION[k]
+                trainer.step()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            skipped_before = trainer.skipped_steps
+            times = _timed(step, device, warmup, iters)
+            entry["iteration_s"] = statistics.median(times)
+            entry["iteration_all_s"] = [round(x, 4) for x in times]
+            entry["skipped_steps"] = trainer.skipped_steps - skipped_before  # non-finite random-weight losses
+            if device.type == "cuda":
+                entry["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+            parts: dict[str, float] = {}
+            for name, fn in floor_parts(kind, guidance, device).items():
+                nets = [guidance.unet, guidance.text.text_encoder] + (
+                    [guidance.unet_lora] if kind == "img" and not guidance.shared else [])
+                with guidance.placement.active(*nets):  # lowmem: compute only, the transfers are overhead
+                    parts[name] = statistics.median(_timed(fn, device, 1, iters))
+            entry["floor_parts_s"] = {k: round(v, 4) for k, v in parts.items()}
+            entry["floor_s"] = sum(parts.values())
+            entry["overhead_ratio"] = round(entry["iteration_s"] / entry["floor_s"], 3)
+            entry["iteration_s"] = round(entry["iteration_s"], 4)
+            entry["floor_s"] = round(entry["floor_s"], 4)
+        except torch.cuda.OutOfMemoryError as err:  # report and go on with the other kinds
+            entry["error"] = f"CUDA out of memory: {str(err).splitlines()[0]}"
+            torch.cuda.empty_cache()
+        except Exception as err:  # noqa: BLE001 - one kind failing must not lose the others' numbers
+            entry["error"] = f"{type(err).__name__}: {err}"
+        result["kinds"][kind] = entry
+        print(f"[bench.gpu] {kind}: {json.dumps(entry)}", file=sys.stderr, flush=True)
+    if device.type == "cuda":
+        result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    result["total_s"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=("paper", "lowmem"), default="paper",
+                        help="paper: every network on the GPU; lowmem: offloading + VAE memory options")
+    parser.add_argument("--tiny", action="store_true", help="tiny networks (checks the logic; CPU works)")
+    parser.add_argument("--iters", type=int, default=3, help="timed iterations per kind (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed iterations per kind first")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated update kinds to time")
+    parser.add_argument("--out", default=None, help="also write the JSON to this file")
+    args = parser.parse_args(argv)
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    if not kinds or any(k not in KINDS for k in kinds):
+        parser.error(f"--kinds must be a comma-separated subset of {','.join(KINDS)}, got {args.kinds!r}")
+    if args.iters < 1 or args.warmup < 0:
+        parser.error(f"--iters must be >= 1 and --warmup >= 0, got {args.iters} and {args.warmup}")
+    if not args.tiny and not torch.cuda.is_available():
+        print("bench.gpu: no CUDA GPU is available (torch.cuda.is_available() is False); run it on a "
+              "machine with a CUDA GPU, or add --tiny to check the logic on tiny models on the CPU.",
+              file=sys.stderr)
+        return EXIT_NO_CUDA
+    result = run_bench(args.preset, args.tiny, args.iters, args.warmup, kinds)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    failed = [k for k, entry in result["kinds"].items() if "error" in entry]
+    if failed:
+        print(f"bench.gpu: kinds {failed} failed; see their 'error' in the JSON", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""The benchmarks' instruments: the naive hash-grid reference agrees with the encoding, bench.cpu --quick
+prints the documented JSON, and bench.gpu refuses a machine without CUDA with a clear message."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.cpu import main as cpu_main
+from bench.cpu import naive_hashgrid
+from fourdfy.fields.hashgrid import HashGridEncoding
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(args: list[str], env_extra: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env_extra}
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    ("dims", "features", "log2", "base", "scale"),
+    [(3, 2, 12, 4, 1.5), (4, 2, 14, 2, 2.0), (3, 1, 10, 8, 1.3), (2, 4, 8, 16, 1.0)],
+)
+def test_naive_reference_matches_the_encoding(
+    dims: int, features: int, log2: int, base: int, scale: float
+) -> None:
+    """Forward values and table gradients agree (mixed dense and hashed levels in the first three)."""
+    enc = HashGridEncoding(dims, 5, features, log2, base, scale)
+    gen = torch.Generator().manual_seed(dims * 10 + features)
+    with torch.no_grad():
+        enc.params.uniform_(-1.0, 1.0, generator=gen)
+    x = torch.rand(300, dims, generator=gen)
+    x[0] = 1.0  # the upper corner wraps around in dense levels
+    x[1] = 0.0
+    g = torch.randn(300, enc.n_output_dims, generator=gen)
+    ours = enc(x)
+    ours.backward(g)
+    grad_ours = enc.params.grad.clone()
+    enc.params.grad = None
+    ref = naive_hashgrid(x, enc.params, enc)
+    ref.backward(g)
+    torch.testing.assert_close(ref, ours, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(enc.params.grad, grad_ours, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow  # builds the demo's toy priors: their data sets are rendered once per test session
+def test_cpu_bench_quick_prints_json_with_the_expected_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cpu_main(["--quick"]) == 0  # in-process: the subprocess would pay the imports again
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) >= {"machine", "encoding", "renderer", "toy_iteration"}
+    for grid in ("3d", "4d"):
+        entry = result["encoding"][grid]
+        assert entry["ours_points_per_s"] > 0 and entry["naive_points_per_s"] > 0
+        ratio = entry["ours_points_per_s"] / entry["naive_points_per_s"]
+        assert entry["speedup"] == pytest.approx(ratio, rel=0.02)
+        assert entry["max_abs_diff"] < 1e-4
+    renderer = result["renderer"]
+    assert renderer["rays_per_s"] > 0 and renderer["n_samples_per_ray"] == 32  # the demo preset's
+    assert set(result["toy_iteration"]["seconds"]) == {"3d", "img", "vid"}
+    assert result["toy_iteration"]["over_3d"]["3d"] == 1.0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_bench_without_cuda_exits_nonzero_with_a_clear_message() -> None:
+    proc = _run(["-m", "bench.gpu", "--preset", "paper"], {"CUDA_VISIBLE_DEVICES": ""}, timeout=120)
+    assert proc.returncode == 2
+    assert "no CUDA GPU is available" in proc.stderr and "--tiny" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_gpu_bench_rejects_unknown_kinds() -> None:
+    proc = _run(["-m", "bench.gpu", "--kinds", "3d,audio"], {"CUDA_VISIBLE_DEVICES": ""}, timeout=120)
+    assert proc.returncode == 2 and "--kinds" in proc.stderr and "Traceback" not in proc.stderr
