@@ -16,9 +16,7 @@ from fourdfy.fields.background import BackgroundConfig
 from fourdfy.fields.dense import DenseGridConfig
 from fourdfy.fields.field4d import HeadsConfig
 from fourdfy.fields.hexplane import HexPlaneConfig
-from fourdfy.guidance.mvdream import MVDreamConfig
-from fourdfy.guidance.sd_vsd import SDVSDConfig
-from fourdfy.guidance.zeroscope import ZeroscopeConfig
+from fourdfy.guidance.configs import MVDreamConfig, SDVSDConfig, ZeroscopeConfig
 from fourdfy.hybrid import ScheduleConfig
 from fourdfy.render.cameras import CameraSamplingConfig
 from fourdfy.render.volume import RendererConfig

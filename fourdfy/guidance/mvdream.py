@@ -23,7 +23,7 @@ networks; any diffusers-layout folder with vae/, text_encoder/, tokenizer/ works
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,13 +32,13 @@ from diffusers import AutoencoderKL
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from fourdfy.guidance.base import GuidanceOut, sds_loss
+from fourdfy.guidance.configs import MVDREAM_NEGATIVE_PROMPT as MVDREAM_NEGATIVE_PROMPT
+from fourdfy.guidance.configs import MVDreamConfig as MVDreamConfig
+from fourdfy.guidance.configs import Ramp as Ramp
 from fourdfy.guidance.memory import Placement, encode_latents, frozen, resolve_dtype
 from fourdfy.guidance.noise import scaled_linear_alphas_cumprod
-from fourdfy.guidance.text import PromptEncoder, ViewPromptConfig, view_direction
+from fourdfy.guidance.text import PromptEncoder, view_direction
 from fourdfy.guidance.weights import (
-    MVDREAM_FILE,
-    MVDREAM_REPO,
-    SD21_BASE,
     load_text_encoder,
     load_vae,
     locate_pretrained,
@@ -47,85 +47,6 @@ from fourdfy.guidance.weights import (
 )
 from fourdfy.models.mvdream_unet import MultiViewUNet, load_mvdream_unet
 from fourdfy.render.cameras import Cameras, mvdream_camera
-
-# 4D-fy configs/fourdfy_stage_*.yaml, system.prompt_processor_multi_view.negative_prompt (verbatim).
-MVDREAM_NEGATIVE_PROMPT = (
-    "ugly, bad anatomy, blurry, pixelated obscure, unnatural colors, poor lighting, dull, and unclear, "
-    "cropped, lowres, low quality, artifacts, duplicate, morbid, mutilated, poorly drawn face, deformed, "
-    "dehydrated, bad proportions"
-)
-
-
-@dataclass
-class Ramp:
-    """A scalar schedule: start_value until start_step, linear to end_value at end_step, then constant.
-
-    threestudio's `[start_step, start_value, end_value, end_step]` lists (utils/misc.py `C`).
-    """
-
-    start_step: int
-    start_value: float
-    end_value: float
-    end_step: int
-
-    def __post_init__(self) -> None:
-        if self.end_step <= self.start_step:
-            raise ValueError(
-                f"Ramp needs end_step > start_step, got start_step={self.start_step}, "
-                f"end_step={self.end_step}"
-            )
-
-    def __call__(self, step: int) -> float:
-        frac = min(max((step - self.start_step) / (self.end_step - self.start_step), 0.0), 1.0)
-        return self.start_value + (self.end_value - self.start_value) * frac
-
-
-@dataclass
-class MVDreamConfig:
-    """MVDream 3D-aware SDS (REFERENCE.md §Guidance "3D"); defaults are the authors' stage-1 settings."""
-
-    # Hub repo id or local path (the .pt/.safetensors file or a folder holding `checkpoint_file`).
-    # guidance_multi_view.ckpt_path (null = MVDream's model_zoo download from MVDream/MVDream).
-    checkpoint: str = MVDREAM_REPO
-    # File inside the hub repo / folder: model_name "sd-v2.1-base-4view" -> sd-v2.1-base-4view.pt.
-    checkpoint_file: str = MVDREAM_FILE
-    # Diffusers-layout model providing vae/, text_encoder/, tokenizer/ (SD 2.1-base; see module docstring).
-    components_model: str = SD21_BASE
-    # MultiViewUNet arguments; None = the official sd-v2.1-base-4view config (MVDream sd-v2-base.yaml).
-    unet_config: dict[str, Any] | None = None
-    # Allow arbitrary pickled objects when reading a .pt checkpoint (only for files you trust).
-    trust_pickle: bool = False
-    # Views per object: MultiviewDiffusionGuidance.Config.n_view = 4.
-    n_views: int = 4
-    # Side the renders are resized to before the VAE: Config.image_size = 256 (latent 32x32).
-    image_size: int = 256
-    # Render sizes accepted: data.multi_view.width/height [64, 256] (64² before step 5000 of stage 1).
-    render_sizes: tuple[int, ...] = (64, 256)
-    # CFG scale, ε_u + s(ε_c − ε_u): guidance_multi_view.guidance_scale = 50.
-    guidance_scale: float = 50.0
-    # Unconditional prompt: prompt_processor_multi_view.negative_prompt.
-    negative_prompt: str = MVDREAM_NEGATIVE_PROMPT
-    # MultiviewDiffusionGuidance.Config.view_dependent_prompting = False (MVDream sees the camera instead).
-    view_dependent_prompting: bool = False
-    # Thresholds if view-dependent prompting is on: prompt_processor_multi_view.front/back_threshold = 30.
-    view_prompts: ViewPromptConfig = field(default_factory=lambda: ViewPromptConfig(30.0, 30.0))
-    # t_min / 1000 over training steps: guidance_multi_view.min_step_percent [0, 0.98, 0.02, 8000].
-    min_step_percent: Ramp = field(default_factory=lambda: Ramp(0, 0.98, 0.02, 8000))
-    # t_max / 1000: guidance_multi_view.max_step_percent [0, 0.98, 0.50, 8000].
-    max_step_percent: Ramp = field(default_factory=lambda: Ramp(0, 0.98, 0.50, 8000))
-    # x̂0-reconstruction loss (guidance_multi_view.recon_loss = true); False = plain SDS with w = 1 − ᾱ
-    # (paper Eq. 3).
-    recon_loss: bool = True
-    # Blend of the std-rescaled x̂0 (guidance_multi_view.recon_std_rescale = 0.5); 0 disables the rescale.
-    recon_std_rescale: float = 0.5
-    # Latents = VAE posterior sample (authors' get_first_stage_encoding); False = posterior mean.
-    sample_posterior: bool = True
-    # Loss multiplier: system.loss.lambda_sds = 1.
-    loss_weight: float = 1.0
-    # Keep the UNet on the CPU between calls (memory option; the VAE stays on the device).
-    offload: bool = False
-    # Recompute VAE-encoder activations in backward (memory option).
-    vae_gradient_checkpointing: bool = False
 
 
 @dataclass

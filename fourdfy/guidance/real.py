@@ -7,10 +7,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from fourdfy.guidance.base import Guidance
-from fourdfy.guidance.mvdream import MVDreamGuidance
-from fourdfy.guidance.sd_vsd import SDVSDGuidance
-from fourdfy.guidance.weights import ModelNotAvailableError
-from fourdfy.guidance.zeroscope import ZeroscopeGuidance
 
 if TYPE_CHECKING:
     from fourdfy.config import RunConfig
@@ -21,7 +17,13 @@ def build_real_guidances(cfg: RunConfig) -> dict[str, Guidance]:
 
     Every missing model is reported in one error, so a user fixes all config keys in one go.
     """
-    from fourdfy.hybrid import HybridSchedule  # local: keeps this module importable on its own
+    # Local imports: the priors pull in diffusers/transformers/peft (~12 s of CPU), which only the real
+    # backend needs, so `import fourdfy.api` stays light; hybrid is local to keep this module standalone.
+    from fourdfy.guidance.mvdream import MVDreamGuidance
+    from fourdfy.guidance.sd_vsd import SDVSDGuidance
+    from fourdfy.guidance.weights import ModelNotAvailableError
+    from fourdfy.guidance.zeroscope import ZeroscopeGuidance
+    from fourdfy.hybrid import HybridSchedule
 
     schedule = HybridSchedule(cfg.schedule)
     used = {kind for stage in (1, 2, 3) if schedule.stage_lengths[stage - 1] > 0

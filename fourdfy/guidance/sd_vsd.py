@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,12 +36,11 @@ from peft import LoraConfig
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from fourdfy.guidance.base import GuidanceOut, sds_loss
+from fourdfy.guidance.configs import SDVSDConfig as SDVSDConfig
 from fourdfy.guidance.memory import Placement, encode_latents, frozen, resolve_dtype
 from fourdfy.guidance.noise import v_target, v_to_eps
-from fourdfy.guidance.text import PromptEncoder, ViewPromptConfig, view_direction
+from fourdfy.guidance.text import PromptEncoder, view_direction
 from fourdfy.guidance.weights import (
-    SD21,
-    SD21_BASE,
     NoiseSchedule,
     load_noise_schedule,
     load_text_encoder,
@@ -55,56 +54,6 @@ from fourdfy.render.cameras import Cameras
 # The attention projections that the authors' LoRAAttnProcessor adapted (q, k, v, out) in every attn1/attn2.
 LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 CAMERA_DIM = 16  # flattened 4x4 c2w (authors' camera_condition_type "extrinsics": c2w.view(B, -1))
-
-
-@dataclass
-class SDVSDConfig:
-    """VSD with SD 2.1 (REFERENCE.md §Guidance "IMG"); defaults are the authors' settings."""
-
-    # Pretrained (ε) branch, also the VAE, text encoder and tokenizer: guidance.pretrained_model_name_or_path.
-    pretrained_model: str = SD21_BASE
-    # Model the LoRA is added to: guidance.pretrained_model_name_or_path_lora (SD 2.1, v-prediction).
-    lora_pretrained_model: str = SD21
-    # Render side: data.single_view.width/height = 256 (paper §4 "rendering a 256×256 image").
-    render_size: int = 256
-    # Side the render is bilinearly upsampled to before the VAE (SD's native 512²; get_latents).
-    image_size: int = 512
-    # CFG of the pretrained branch, ε_u + s(ε_c − ε_u): guidance.guidance_scale = 7.5.
-    guidance_scale: float = 7.5
-    # CFG of the LoRA branch (zero-camera uncond half): StableDiffusionVSDGuidance.Config.guidance_scale_lora.
-    guidance_scale_lora: float = 1.0
-    # Unconditional prompt: the stage configs' prompt_processor sets none -> PromptProcessor default "".
-    negative_prompt: str = ""
-    # View-dependent prompts on the pretrained branch: Config.view_dependent_prompting = True.
-    view_dependent_prompting: bool = True
-    # prompt_processor.front_threshold / back_threshold = 30 (degrees).
-    view_prompts: ViewPromptConfig = field(default_factory=lambda: ViewPromptConfig(30.0, 30.0))
-    # t range / 1000: guidance.min_step_percent 0.02, max_step_percent 0.5 (= max_step_percent_annealed).
-    min_step_percent: float = 0.02
-    max_step_percent: float = 0.5
-    # LoRA rank: diffusers LoRAAttnProcessor default rank 4 (alpha = rank, i.e. scale 1).
-    lora_rank: int = 4
-    # LoRA + camera-embedding optimiser: system.optimizer AdamW, params.guidance.lr 1e-4, betas (0.9, 0.99),
-    # eps 1e-15; weight decay = torch AdamW default 0.01 (the configs set none).
-    lora_lr: float = 1e-4
-    lora_betas: tuple[float, float] = (0.9, 0.99)
-    lora_eps: float = 1e-15
-    lora_weight_decay: float = 0.01
-    # Probability of a zero camera in a fine-tuning step: lora_cfg_training, `random.random() < 0.1`.
-    lora_camera_dropout: float = 0.1
-    # Noise levels per image per fine-tuning step: Config.lora_n_timestamp_samples = 1.
-    lora_n_timestamp_samples: int = 1
-    # False: the LoRA model's own target (v for SD 2.1, authors' train_lora); True: paper Eq. 5's
-    # ‖ε′ − ε‖² with ε′ converted from the v-prediction.
-    lora_epsilon_objective: bool = False
-    # Latents = VAE posterior sample (authors' encode_images); False = posterior mean.
-    sample_posterior: bool = True
-    # Loss multiplier: system.loss.lambda_vsd = 1.
-    loss_weight: float = 1.0
-    # Keep the UNets on the CPU between calls (memory option; the VAE stays on the device).
-    offload: bool = False
-    # Recompute VAE-encoder activations in backward (memory option).
-    vae_gradient_checkpointing: bool = False
 
 
 @dataclass

@@ -10,29 +10,15 @@ layer. Each distinct prompt string is encoded once and cached.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from fourdfy.guidance.configs import ViewPromptConfig as ViewPromptConfig
 from fourdfy.guidance.memory import Placement, frozen
 
 # Direction order and suffixes: threestudio PromptProcessor.configure (view_dependent_prompt_front=False).
 DIRECTION_SUFFIXES: tuple[str, ...] = (", side view", ", front view", ", back view", ", overhead view")
 SIDE, FRONT, BACK, OVERHEAD = 0, 1, 2, 3
-
-
-@dataclass
-class ViewPromptConfig:
-    """Azimuth/elevation thresholds that pick a view-dependent prompt (degrees)."""
-
-    # |azimuth| < front_threshold -> front (PromptProcessor.Config.front_threshold; the 4D-fy configs set 30
-    # for SD/MVDream; Zeroscope's processor keeps threestudio's default 45).
-    front_threshold: float = 45.0
-    # |azimuth| > 180 - back_threshold -> back (PromptProcessor.Config.back_threshold, same values).
-    back_threshold: float = 45.0
-    # elevation > overhead_threshold -> overhead (PromptProcessor.Config.overhead_threshold = 60).
-    overhead_threshold: float = 60.0
 
 
 def view_direction(elevation: torch.Tensor, azimuth: torch.Tensor, cfg: ViewPromptConfig) -> torch.Tensor:

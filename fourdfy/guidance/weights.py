@@ -23,14 +23,13 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub import hf_hub_download, try_to_load_from_cache
 from transformers import CLIPTextModel, CLIPTokenizer
 
+# Default models: defined once, in the light config module (REFERENCE.md §Guidance).
+from fourdfy.guidance.configs import MVDREAM_FILE as MVDREAM_FILE  # noqa: E402
+from fourdfy.guidance.configs import MVDREAM_REPO as MVDREAM_REPO  # noqa: E402
+from fourdfy.guidance.configs import SD21 as SD21  # noqa: E402
+from fourdfy.guidance.configs import SD21_BASE as SD21_BASE  # noqa: E402
+from fourdfy.guidance.configs import ZEROSCOPE as ZEROSCOPE  # noqa: E402
 from fourdfy.guidance.noise import scaled_linear_alphas_cumprod
-
-# Default models (REFERENCE.md §Guidance; the authors' configs/fourdfy_stage_*.yaml).
-MVDREAM_REPO = "MVDream/MVDream"  # MVDream's model_zoo: hf_hub_download(repo_id="MVDream/MVDream", ...)
-MVDREAM_FILE = "sd-v2.1-base-4view.pt"  # guidance_multi_view.model_name: "sd-v2.1-base-4view"
-SD21_BASE = "stabilityai/stable-diffusion-2-1-base"  # guidance.pretrained_model_name_or_path (ε-prediction)
-SD21 = "stabilityai/stable-diffusion-2-1"  # guidance.pretrained_model_name_or_path_lora (v-prediction)
-ZEROSCOPE = "cerspense/zeroscope_v2_576w"  # guidance_video.pretrained_model_name_or_path
 
 # Files that prove a subfolder is there (the hub repos' own layout); any one of each tuple will do
 # (a tokenizer saved by transformers 5 has tokenizer.json instead of vocab.json + merges.txt).

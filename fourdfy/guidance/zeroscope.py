@@ -11,7 +11,7 @@ Memory option: back-propagate through the VAE encoder for only N random frames (
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,10 +20,10 @@ from diffusers import AutoencoderKL, UNet3DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from fourdfy.guidance.base import GuidanceOut, sds_loss
+from fourdfy.guidance.configs import ZeroscopeConfig as ZeroscopeConfig
 from fourdfy.guidance.memory import Placement, encode_latents, frozen, resolve_dtype
-from fourdfy.guidance.text import PromptEncoder, ViewPromptConfig, view_direction
+from fourdfy.guidance.text import PromptEncoder, view_direction
 from fourdfy.guidance.weights import (
-    ZEROSCOPE,
     NoiseSchedule,
     load_noise_schedule,
     load_text_encoder,
@@ -32,43 +32,6 @@ from fourdfy.guidance.weights import (
     locate_pretrained,
 )
 from fourdfy.render.cameras import Cameras
-
-
-@dataclass
-class ZeroscopeConfig:
-    """Zeroscope video SDS (REFERENCE.md §Guidance "VID"); defaults are the authors' settings."""
-
-    # Hub repo id or local diffusers-layout folder: guidance_video.pretrained_model_name_or_path.
-    pretrained_model: str = ZEROSCOPE
-    # Frames per video step: data.single_view.num_frames = 16.
-    n_frames: int = 16
-    # Render size of each frame: data.single_view.height_vid = 160, width_vid = 288 (paper §4).
-    render_height: int = 160
-    render_width: int = 288
-    # Size each frame is bilinearly upsampled to before the VAE: Zeroscope's native 320×576 (latent 40×72).
-    image_height: int = 320
-    image_width: int = 576
-    # CFG, written ε_c + s(ε_c − ε_u): guidance_video.guidance_scale = 100.
-    guidance_scale: float = 100.0
-    # Unconditional prompt: the Zeroscope prompt processor's default "".
-    negative_prompt: str = ""
-    # ZeroscopeGuidance.Config.view_dependent_prompting = True.
-    view_dependent_prompting: bool = True
-    # Zeroscope's prompt processor keeps threestudio's default thresholds, 45° (PromptProcessor.Config).
-    view_prompts: ViewPromptConfig = field(default_factory=lambda: ViewPromptConfig(45.0, 45.0))
-    # t range / 1000: ZeroscopeGuidance.Config min_step_percent 0.02, max_step_percent 0.98 (no annealing).
-    min_step_percent: float = 0.02
-    max_step_percent: float = 0.98
-    # Loss multiplier λ_video: system.loss.lambda_sds_video = 0.1.
-    loss_weight: float = 0.1
-    # Frames whose VAE encoding keeps its graph (chosen at random per call); None = all (authors).
-    vae_grad_frames: int | None = None
-    # Latents = VAE posterior sample (authors' encode_images); False = posterior mean.
-    sample_posterior: bool = True
-    # Keep the UNet on the CPU between calls (memory option; the VAE stays on the device).
-    offload: bool = False
-    # Recompute VAE-encoder activations in backward (memory option).
-    vae_gradient_checkpointing: bool = False
 
 
 @dataclass

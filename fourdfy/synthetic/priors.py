@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torchvision.transforms.functional import gaussian_blur
 
 from fourdfy.guidance.base import GuidanceOut, sds_loss
 from fourdfy.guidance.noise import scaled_linear_alphas_cumprod
@@ -202,6 +201,9 @@ def _blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     """images: [M,H,W,3] -> blurred [M,H,W,3]."""
     if sigma <= 0:
         return images
+    # Imported here: torchvision's import costs seconds, and only data rendering needs it.
+    from torchvision.transforms.functional import gaussian_blur
+
     radius = max(1, math.ceil(3 * sigma))
     chw = images.permute(0, 3, 1, 2)
     return gaussian_blur(chw, [2 * radius + 1] * 2, [sigma, sigma]).permute(0, 2, 3, 1)

@@ -1,0 +1,199 @@
+"""The real priors' configs, importable without torch, diffusers, transformers or peft.
+
+Hydra's schema (fourdfy/config.py) needs these dataclasses at import time, while the priors that use them
+(mvdream.py, sd_vsd.py, zeroscope.py) pull in the model libraries (~12 s of CPU): keeping the configs here
+lets `import fourdfy.config` stay light. Each guidance module re-exports its config, so
+`from fourdfy.guidance.mvdream import MVDreamConfig` keeps working. Where a field comment says "see module
+docstring", it means the docstring of the guidance module that uses the config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# Default models (REFERENCE.md §Guidance; the authors' configs/fourdfy_stage_*.yaml).
+MVDREAM_REPO = "MVDream/MVDream"  # MVDream's model_zoo: hf_hub_download(repo_id="MVDream/MVDream", ...)
+MVDREAM_FILE = "sd-v2.1-base-4view.pt"  # guidance_multi_view.model_name: "sd-v2.1-base-4view"
+SD21_BASE = "stabilityai/stable-diffusion-2-1-base"  # guidance.pretrained_model_name_or_path (ε-prediction)
+SD21 = "stabilityai/stable-diffusion-2-1"  # guidance.pretrained_model_name_or_path_lora (v-prediction)
+ZEROSCOPE = "cerspense/zeroscope_v2_576w"  # guidance_video.pretrained_model_name_or_path
+
+# 4D-fy configs/fourdfy_stage_*.yaml, system.prompt_processor_multi_view.negative_prompt (verbatim).
+MVDREAM_NEGATIVE_PROMPT = (
+    "ugly, bad anatomy, blurry, pixelated obscure, unnatural colors, poor lighting, dull, and unclear, "
+    "cropped, lowres, low quality, artifacts, duplicate, morbid, mutilated, poorly drawn face, deformed, "
+    "dehydrated, bad proportions"
+)
+
+
+@dataclass
+class ViewPromptConfig:
+    """Azimuth/elevation thresholds that pick a view-dependent prompt (degrees)."""
+
+    # |azimuth| < front_threshold -> front (PromptProcessor.Config.front_threshold; the 4D-fy configs set 30
+    # for SD/MVDream; Zeroscope's processor keeps threestudio's default 45).
+    front_threshold: float = 45.0
+    # |azimuth| > 180 - back_threshold -> back (PromptProcessor.Config.back_threshold, same values).
+    back_threshold: float = 45.0
+    # elevation > overhead_threshold -> overhead (PromptProcessor.Config.overhead_threshold = 60).
+    overhead_threshold: float = 60.0
+
+
+@dataclass
+class Ramp:
+    """A scalar schedule: start_value until start_step, linear to end_value at end_step, then constant.
+
+    threestudio's `[start_step, start_value, end_value, end_step]` lists (utils/misc.py `C`).
+    """
+
+    start_step: int
+    start_value: float
+    end_value: float
+    end_step: int
+
+    def __post_init__(self) -> None:
+        if self.end_step <= self.start_step:
+            raise ValueError(
+                f"Ramp needs end_step > start_step, got start_step={self.start_step}, "
+                f"end_step={self.end_step}"
+            )
+
+    def __call__(self, step: int) -> float:
+        frac = min(max((step - self.start_step) / (self.end_step - self.start_step), 0.0), 1.0)
+        return self.start_value + (self.end_value - self.start_value) * frac
+
+
+@dataclass
+class MVDreamConfig:
+    """MVDream 3D-aware SDS (REFERENCE.md §Guidance "3D"); defaults are the authors' stage-1 settings."""
+
+    # Hub repo id or local path (the .pt/.safetensors file or a folder holding `checkpoint_file`).
+    # guidance_multi_view.ckpt_path (null = MVDream's model_zoo download from MVDream/MVDream).
+    checkpoint: str = MVDREAM_REPO
+    # File inside the hub repo / folder: model_name "sd-v2.1-base-4view" -> sd-v2.1-base-4view.pt.
+    checkpoint_file: str = MVDREAM_FILE
+    # Diffusers-layout model providing vae/, text_encoder/, tokenizer/ (SD 2.1-base; see module docstring).
+    components_model: str = SD21_BASE
+    # MultiViewUNet arguments; None = the official sd-v2.1-base-4view config (MVDream sd-v2-base.yaml).
+    unet_config: dict[str, Any] | None = None
+    # Allow arbitrary pickled objects when reading a .pt checkpoint (only for files you trust).
+    trust_pickle: bool = False
+    # Views per object: MultiviewDiffusionGuidance.Config.n_view = 4.
+    n_views: int = 4
+    # Side the renders are resized to before the VAE: Config.image_size = 256 (latent 32x32).
+    image_size: int = 256
+    # Render sizes accepted: data.multi_view.width/height [64, 256] (64² before step 5000 of stage 1).
+    render_sizes: tuple[int, ...] = (64, 256)
+    # CFG scale, ε_u + s(ε_c − ε_u): guidance_multi_view.guidance_scale = 50.
+    guidance_scale: float = 50.0
+    # Unconditional prompt: prompt_processor_multi_view.negative_prompt.
+    negative_prompt: str = MVDREAM_NEGATIVE_PROMPT
+    # MultiviewDiffusionGuidance.Config.view_dependent_prompting = False (MVDream sees the camera instead).
+    view_dependent_prompting: bool = False
+    # Thresholds if view-dependent prompting is on: prompt_processor_multi_view.front/back_threshold = 30.
+    view_prompts: ViewPromptConfig = field(default_factory=lambda: ViewPromptConfig(30.0, 30.0))
+    # t_min / 1000 over training steps: guidance_multi_view.min_step_percent [0, 0.98, 0.02, 8000].
+    min_step_percent: Ramp = field(default_factory=lambda: Ramp(0, 0.98, 0.02, 8000))
+    # t_max / 1000: guidance_multi_view.max_step_percent [0, 0.98, 0.50, 8000].
+    max_step_percent: Ramp = field(default_factory=lambda: Ramp(0, 0.98, 0.50, 8000))
+    # x̂0-reconstruction loss (guidance_multi_view.recon_loss = true); False = plain SDS with w = 1 − ᾱ
+    # (paper Eq. 3).
+    recon_loss: bool = True
+    # Blend of the std-rescaled x̂0 (guidance_multi_view.recon_std_rescale = 0.5); 0 disables the rescale.
+    recon_std_rescale: float = 0.5
+    # Latents = VAE posterior sample (authors' get_first_stage_encoding); False = posterior mean.
+    sample_posterior: bool = True
+    # Loss multiplier: system.loss.lambda_sds = 1.
+    loss_weight: float = 1.0
+    # Keep the UNet on the CPU between calls (memory option; the VAE stays on the device).
+    offload: bool = False
+    # Recompute VAE-encoder activations in backward (memory option).
+    vae_gradient_checkpointing: bool = False
+
+
+@dataclass
+class SDVSDConfig:
+    """VSD with SD 2.1 (REFERENCE.md §Guidance "IMG"); defaults are the authors' settings."""
+
+    # Pretrained (ε) branch, also the VAE, text encoder and tokenizer: guidance.pretrained_model_name_or_path.
+    pretrained_model: str = SD21_BASE
+    # Model the LoRA is added to: guidance.pretrained_model_name_or_path_lora (SD 2.1, v-prediction).
+    lora_pretrained_model: str = SD21
+    # Render side: data.single_view.width/height = 256 (paper §4 "rendering a 256×256 image").
+    render_size: int = 256
+    # Side the render is bilinearly upsampled to before the VAE (SD's native 512²; get_latents).
+    image_size: int = 512
+    # CFG of the pretrained branch, ε_u + s(ε_c − ε_u): guidance.guidance_scale = 7.5.
+    guidance_scale: float = 7.5
+    # CFG of the LoRA branch (zero-camera uncond half): StableDiffusionVSDGuidance.Config.guidance_scale_lora.
+    guidance_scale_lora: float = 1.0
+    # Unconditional prompt: the stage configs' prompt_processor sets none -> PromptProcessor default "".
+    negative_prompt: str = ""
+    # View-dependent prompts on the pretrained branch: Config.view_dependent_prompting = True.
+    view_dependent_prompting: bool = True
+    # prompt_processor.front_threshold / back_threshold = 30 (degrees).
+    view_prompts: ViewPromptConfig = field(default_factory=lambda: ViewPromptConfig(30.0, 30.0))
+    # t range / 1000: guidance.min_step_percent 0.02, max_step_percent 0.5 (= max_step_percent_annealed).
+    min_step_percent: float = 0.02
+    max_step_percent: float = 0.5
+    # LoRA rank: diffusers LoRAAttnProcessor default rank 4 (alpha = rank, i.e. scale 1).
+    lora_rank: int = 4
+    # LoRA + camera-embedding optimiser: system.optimizer AdamW, params.guidance.lr 1e-4, betas (0.9, 0.99),
+    # eps 1e-15; weight decay = torch AdamW default 0.01 (the configs set none).
+    lora_lr: float = 1e-4
+    lora_betas: tuple[float, float] = (0.9, 0.99)
+    lora_eps: float = 1e-15
+    lora_weight_decay: float = 0.01
+    # Probability of a zero camera in a fine-tuning step: lora_cfg_training, `random.random() < 0.1`.
+    lora_camera_dropout: float = 0.1
+    # Noise levels per image per fine-tuning step: Config.lora_n_timestamp_samples = 1.
+    lora_n_timestamp_samples: int = 1
+    # False: the LoRA model's own target (v for SD 2.1, authors' train_lora); True: paper Eq. 5's
+    # ‖ε′ − ε‖² with ε′ converted from the v-prediction.
+    lora_epsilon_objective: bool = False
+    # Latents = VAE posterior sample (authors' encode_images); False = posterior mean.
+    sample_posterior: bool = True
+    # Loss multiplier: system.loss.lambda_vsd = 1.
+    loss_weight: float = 1.0
+    # Keep the UNets on the CPU between calls (memory option; the VAE stays on the device).
+    offload: bool = False
+    # Recompute VAE-encoder activations in backward (memory option).
+    vae_gradient_checkpointing: bool = False
+
+
+@dataclass
+class ZeroscopeConfig:
+    """Zeroscope video SDS (REFERENCE.md §Guidance "VID"); defaults are the authors' settings."""
+
+    # Hub repo id or local diffusers-layout folder: guidance_video.pretrained_model_name_or_path.
+    pretrained_model: str = ZEROSCOPE
+    # Frames per video step: data.single_view.num_frames = 16.
+    n_frames: int = 16
+    # Render size of each frame: data.single_view.height_vid = 160, width_vid = 288 (paper §4).
+    render_height: int = 160
+    render_width: int = 288
+    # Size each frame is bilinearly upsampled to before the VAE: Zeroscope's native 320×576 (latent 40×72).
+    image_height: int = 320
+    image_width: int = 576
+    # CFG, written ε_c + s(ε_c − ε_u): guidance_video.guidance_scale = 100.
+    guidance_scale: float = 100.0
+    # Unconditional prompt: the Zeroscope prompt processor's default "".
+    negative_prompt: str = ""
+    # ZeroscopeGuidance.Config.view_dependent_prompting = True.
+    view_dependent_prompting: bool = True
+    # Zeroscope's prompt processor keeps threestudio's default thresholds, 45° (PromptProcessor.Config).
+    view_prompts: ViewPromptConfig = field(default_factory=lambda: ViewPromptConfig(45.0, 45.0))
+    # t range / 1000: ZeroscopeGuidance.Config min_step_percent 0.02, max_step_percent 0.98 (no annealing).
+    min_step_percent: float = 0.02
+    max_step_percent: float = 0.98
+    # Loss multiplier λ_video: system.loss.lambda_sds_video = 0.1.
+    loss_weight: float = 0.1
+    # Frames whose VAE encoding keeps its graph (chosen at random per call); None = all (authors).
+    vae_grad_frames: int | None = None
+    # Latents = VAE posterior sample (authors' encode_images); False = posterior mean.
+    sample_posterior: bool = True
+    # Keep the UNet on the CPU between calls (memory option; the VAE stays on the device).
+    offload: bool = False
+    # Recompute VAE-encoder activations in backward (memory option).
+    vae_gradient_checkpointing: bool = False
