@@ -1,0 +1,574 @@
+"""Turn a Table-2 sweep into the paper's Table 2: metrics per variant, run status, user-study preferences.
+
+    python -m ablations.collect OUTPUT_DIR [--out DIR] [--recompute] [--userstudy ANSWERS.csv] [--clip]
+
+OUTPUT_DIR is a Hydra multirun directory (``multirun.yaml`` + one directory per job), a folder of them,
+or any folder of run directories (e.g. ``outputs/``). Steps:
+
+1. Find the runs: every directory with ``.hydra/`` or ``config.yaml`` + ``fingerprint.json`` (hidden
+   folders such as ``.submitit/`` are skipped). The jobs a sweep was meant to run are read back from its
+   ``multirun.yaml`` (sweeper params × command-line sweeps), so a job that never started is listed as
+   ``missing``, not dropped.
+2. Status per run: ``finished`` only when ``DONE`` exists (fourdfy.api writes it last); ``failed`` when
+   submitit recorded an error for the job; ``unfinished`` otherwise (running, interrupted, killed).
+3. Metrics of finished runs, cached in the run's ``metrics.json`` under ``"eval"`` (written atomically;
+   recomputed only with ``--recompute``): toy-world runs get ground-truth metrics (eval.gt_metrics, with
+   the run's own eval settings); real runs get the CLIP score (eval.clip_score, paper §4.1).
+4. User-study preferences (userstudy.analyze) from ``--userstudy`` or ``OUTPUT_DIR/userstudy/answers.csv``:
+   the share of votes for ``--method`` (default ``full``) against each variant.
+5. Writes ``table2.csv``, ``table2.md``, ``table2.tex``, ``table2.png`` (bar plot) and ``runs.csv`` (one
+   line per run, every status) into ``--out`` (default OUTPUT_DIR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pickle
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ablations.table2 import REFERENCE_VARIANT, ROWS, row_of
+from fourdfy.api import DONE_FILE
+from fourdfy.checkpoint import list_checkpoints
+from fourdfy.config import RunConfig
+
+FINISHED, FAILED, UNFINISHED, MISSING = "finished", "failed", "unfinished", "missing"
+STATUSES = (FINISHED, FAILED, UNFINISHED, MISSING)
+CRITERIA = ("AQ", "SQ", "MQ", "TA", "Overall")  # Table 2's human-preference columns (userstudy.CRITERIA)
+USERSTUDY_DEFAULT = Path("userstudy") / "answers.csv"  # looked for inside OUTPUT_DIR
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A table column computed from runs."""
+
+    key: str  # key in RunRecord.metrics
+    label: str  # column header
+    higher_is_better: bool
+    digits: int  # decimals shown in Markdown / LaTeX
+
+
+# Column order: CLIP first (the paper's one metric), then the toy world's ground-truth metrics.
+METRICS: tuple[Metric, ...] = (
+    Metric("clip", "CLIP", True, 1),
+    Metric("psnr", "PSNR", True, 2),
+    Metric("ssim", "SSIM", True, 3),
+    Metric("depth_error", "Depth err.", False, 3),
+    Metric("motion_error", "Motion err.", False, 3),
+)
+_GT_KEYS = ("psnr", "ssim", "depth_error", "motion_error")
+
+
+@dataclass
+class RunRecord:
+    """One job of the sweep: where it is, how far it got, what it scored."""
+
+    variant: str
+    prompt: str
+    seed: int
+    status: str  # one of STATUSES
+    path: Path | None  # None for a missing run
+    reason: str = ""  # why it is not finished
+    backend: str | None = None  # guidance.backend: "synthetic" (toy world) or "real"
+    metrics: dict[str, float] = field(default_factory=dict)
+    config: RunConfig | None = None  # the run's config.yaml (None before the run wrote it)
+
+
+@dataclass
+class CollectOptions:
+    """What to compute and where to write."""
+
+    out_dir: Path | None = None  # None: the sweep directory
+    recompute: bool = False  # recompute metrics even when metrics.json holds them
+    clip: bool | None = None  # None: CLIP for real runs only; True: for toy runs too; False: never
+    clip_pretrained: str | None = "openai"  # eval.clip_score weights (paper: OpenAI's ViT-B/32)
+    clip_device: str = "cpu"
+    userstudy: Path | None = None  # answers CSV; None: OUTPUT_DIR/userstudy/answers.csv when it exists
+    method: str = REFERENCE_VARIANT  # the method whose preference shares are reported
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding runs
+
+
+def _is_run_dir(path: Path) -> bool:
+    return (path / ".hydra" / "config.yaml").is_file() or (
+        (path / "config.yaml").is_file() and (path / "fingerprint.json").is_file()
+    )
+
+
+def discover(root: Path) -> tuple[list[Path], list[Path]]:
+    """Run directories and multirun.yaml files under ``root`` (hidden folders and run contents skipped)."""
+    runs: list[Path] = []
+    sweeps: list[Path] = []
+    for current, dirs, files in os.walk(root):
+        here = Path(current)
+        if "multirun.yaml" in files:
+            sweeps.append(here / "multirun.yaml")
+        if _is_run_dir(here):
+            runs.append(here)
+            dirs[:] = []  # checkpoints/, renders/, wandb/ hold no runs
+            continue
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    return sorted(runs), sorted(sweeps)
+
+
+def expected_jobs(multirun_yaml: Path) -> list[tuple[str, str, int]] | None:
+    """(variant, prompt, seed) of every job a sweep was launched with, from its multirun.yaml.
+
+    The job list is rebuilt as Hydra's basic sweeper built it: sweeper params plus the command line's
+    overrides, expanded to their cartesian product. Returns None for another sweeper (no way to know).
+    """
+    cfg = OmegaConf.load(multirun_yaml)
+    target = str(OmegaConf.select(cfg, "hydra.sweeper._target_", default=""))
+    if not target.endswith("BasicSweeper"):
+        print(f"warning: {multirun_yaml} uses sweeper {target!r}; missing jobs cannot be listed", file=sys.stderr)
+        return None
+    # Imported here: Hydra's parser is only needed for sweeps.
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
+    arguments = [f"{k}={v}" for k, v in params.items()] + list(OmegaConf.select(cfg, "hydra.overrides.task") or [])
+    parser = OverridesParser.create()
+    jobs = BasicSweeper.split_arguments(parser.parse_overrides(arguments), None)[0]
+    defaults = {"variant": OmegaConf.select(cfg, "variant.name"), "prompt": OmegaConf.select(cfg, "prompt"),
+                "seed": OmegaConf.select(cfg, "seed")}
+    keys = {"variant": "variant", "variant.name": "variant", "prompt": "prompt", "seed": "seed"}
+    out = []
+    for job in jobs:
+        values = dict(defaults)
+        for item in parser.parse_overrides(job):
+            name = keys.get(item.key_or_group)
+            if name is not None:
+                values[name] = item.value()
+        out.append((str(values["variant"]), str(values["prompt"]), int(values["seed"])))
+    return out
+
+
+def _schema_error(path: Path, err: Exception) -> ValueError:
+    return ValueError(f"{path} does not match the fourdfy run schema (fourdfy/config.py RunConfig): {err}. "
+                      "Collect it with the code version that wrote it, or move it out of the sweep directory.")
+
+
+@lru_cache(maxsize=1)
+def _run_schema() -> DictConfig:
+    """The structured RunConfig schema, built once (building it costs a fraction of a second)."""
+    return OmegaConf.structured(RunConfig)
+
+
+def load_config_checked(run_dir: Path) -> RunConfig:
+    """``run_dir/config.yaml`` merged into the run schema; ValueError naming the file if it does not fit."""
+    path = run_dir / "config.yaml"
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(_run_schema(), OmegaConf.load(path)))
+    except OmegaConfBaseException as err:
+        raise _schema_error(path, err) from err
+
+
+def read_identity(run_dir: Path) -> tuple[str, str, int, str, RunConfig | None]:
+    """(variant, prompt, seed, guidance backend, config or None) of a run directory.
+
+    Raises ValueError naming the file when it does not follow the run schema.
+    """
+    if (run_dir / "config.yaml").is_file():
+        cfg = load_config_checked(run_dir)
+        return cfg.variant.name, cfg.prompt, cfg.seed, cfg.guidance.backend, cfg
+    # The job started but wrote no config.yaml yet: Hydra's copy of the composed config says who it is.
+    raw = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    values = [OmegaConf.select(raw, k, default=None) for k in ("variant.name", "prompt", "seed", "guidance.backend")]
+    if any(v is None for v in values):
+        raise _schema_error(run_dir / ".hydra" / "config.yaml",
+                            ValueError("it lacks variant.name, prompt, seed or guidance.backend"))
+    variant, prompt, seed, backend = values
+    return str(variant), str(prompt), int(seed), str(backend), None
+
+
+def _submitit_error(run_dir: Path, root: Path) -> str | None:
+    """The last line of the error submitit recorded for this run's job, if any.
+
+    The job id is Hydra's hydra.job.id (set by hydra-submitit-launcher); submitit keeps the job's result in
+    <sweep dir>/.submitit/<id>/<id>_0_result.pkl as ("error", traceback) or ("success", value).
+    """
+    hydra_yaml = run_dir / ".hydra" / "hydra.yaml"
+    if not hydra_yaml.is_file():
+        return None
+    job_id = str(OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.job.id", default="") or "")
+    if not job_id or job_id.startswith("?"):
+        return None
+    for folder in (run_dir, *run_dir.parents):
+        result = folder / ".submitit" / job_id / f"{job_id}_0_result.pkl"
+        if result.is_file():
+            with open(result, "rb") as f:
+                kind, payload = pickle.load(f)
+            if kind != "error":
+                return None
+            lines = [line for line in str(payload).strip().splitlines() if line.strip()]
+            return lines[-1].strip() if lines else "error"
+        if folder == root:
+            break
+    return None
+
+
+def run_status(run_dir: Path, root: Path) -> tuple[str, str]:
+    """(status, reason) of a run directory. Finished means DONE exists: it is written last."""
+    if (run_dir / DONE_FILE).is_file():
+        return FINISHED, ""
+    error = _submitit_error(run_dir, root)
+    if error is not None:
+        return FAILED, error
+    checkpoints = list_checkpoints(run_dir / "checkpoints")
+    if checkpoints:
+        return UNFINISHED, f"no {DONE_FILE}; newest checkpoint {checkpoints[-1].name} (running, interrupted or killed)"
+    if (run_dir / "config.yaml").is_file():
+        return UNFINISHED, f"no {DONE_FILE} and no checkpoint yet (running, or stopped before the first save)"
+    return UNFINISHED, "no config.yaml: the job stopped (or is starting) before training"
+
+
+def find_runs(root: Path) -> list[RunRecord]:
+    """Every run under ``root`` and every job its sweeps meant to run; raises for an empty sweep."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"sweep directory {root} does not exist")
+    run_dirs, sweeps = discover(root)
+    records = []
+    for run_dir in run_dirs:
+        variant, prompt, seed, backend, cfg = read_identity(run_dir)
+        status, reason = run_status(run_dir, root)
+        records.append(RunRecord(variant, prompt, seed, status, run_dir, reason, backend, config=cfg))
+    expected: list[tuple[str, str, int]] = []
+    for sweep in sweeps:
+        expected += expected_jobs(sweep) or []
+    if not records:
+        detail = (f"its multirun.yaml lists {len(expected)} job(s) but none has started (still queued?)"
+                  if expected else "no run directory (.hydra/ or config.yaml + fingerprint.json) and no multirun.yaml")
+        raise ValueError(f"{root} is an empty sweep: {detail}")
+    found = {(r.variant, r.prompt, r.seed) for r in records}
+    for key in dict.fromkeys(expected):  # ordered, without duplicates
+        if key not in found:
+            records.append(RunRecord(*key, status=MISSING, path=None,
+                                     reason="no run directory: the job never started (cancelled, or still queued)"))
+    return records
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics, cached in metrics.json
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _cached(section: dict[str, Any], name: str, settings: dict[str, Any], path: Path,
+            compute: Callable[[], dict[str, float]], recompute: bool) -> tuple[dict[str, float], bool]:
+    """Values of ``section[name]`` if present with the same settings, else computed. Returns (values, changed)."""
+    entry = section.get(name)
+    if entry is not None and not recompute:
+        if entry.get("settings") != settings:
+            raise ValueError(f"{path} holds {name} metrics computed with other settings ({entry.get('settings')} "
+                             f"!= {settings}); pass --recompute to replace them")
+        return entry["values"], False
+    values = compute()
+    section[name] = {"settings": settings, "values": values}
+    return values, True
+
+
+class _ClipScorers:
+    """Builds the CLIP scorer once, on first use (loading it costs seconds and needs the weights)."""
+
+    def __init__(self, pretrained: str | None, device: str):
+        self.pretrained, self.device = pretrained, device
+        self._scorer: Any = None
+
+    def settings(self) -> dict[str, Any]:
+        from eval.clip_score import DEFAULT_MODEL_NAME
+
+        return {"model_name": DEFAULT_MODEL_NAME, "pretrained": self.pretrained, "video": "renders/orbit.mp4"}
+
+    def score_run(self, run_dir: Path) -> float:
+        if self._scorer is None:
+            from eval.clip_score import CLIPScorer
+
+            self._scorer = CLIPScorer(pretrained=self.pretrained, device=self.device)
+        return self._scorer.score_run(run_dir)
+
+
+def ensure_metrics(record: RunRecord, options: CollectOptions, clip: _ClipScorers) -> None:
+    """Fill ``record.metrics`` for a finished run, from its metrics.json or by computing them (then saved)."""
+    assert record.path is not None and record.config is not None and record.status == FINISHED
+    path = record.path / "metrics.json"
+    data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    section: dict[str, Any] = dict(data.get("eval") or {})
+    changed = False
+    if record.backend == "synthetic":
+        from eval.gt_metrics import GTMetricsConfig, run_metrics
+
+        gt_cfg = GTMetricsConfig.from_eval(record.config.eval)
+        values, fresh = _cached(section, "gt", gt_cfg.settings(), path,
+                                lambda: run_metrics(record.path, gt_cfg), options.recompute)
+        record.metrics.update({k: float(values[k]) for k in _GT_KEYS})
+        changed |= fresh
+    want_clip = options.clip if options.clip is not None else record.backend == "real"
+    if want_clip:
+        values, fresh = _cached(section, "clip", clip.settings(), path,
+                                lambda: {"clip": clip.score_run(record.path)}, options.recompute)
+        record.metrics["clip"] = float(values["clip"])
+        changed |= fresh
+    if changed:
+        data["eval"] = section
+        _write_json_atomic(path, data)
+
+
+# ----------------------------------------------------------------------------------------------
+# The table
+
+
+def userstudy_shares(answers_csv: Path, method: str) -> pd.DataFrame:
+    """Percent of votes for ``method`` per (baseline, criterion) and p-values: index baseline,
+    columns AQ..Overall and AQ_p..Overall_p."""
+    from userstudy.analyze import load_answers, preference_table
+
+    if not answers_csv.is_file():
+        raise FileNotFoundError(f"user-study answers {answers_csv} do not exist")
+    results = preference_table(load_answers(answers_csv), method)
+    share = results.pivot(index="baseline", columns="criterion", values="share") * 100.0
+    p_value = results.pivot(index="baseline", columns="criterion", values="p_value").add_suffix("_p")
+    return share.join(p_value)
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+def build_table(records: list[RunRecord], shares: pd.DataFrame | None, method: str) -> pd.DataFrame:
+    """One row per variant (Table 2's order, then other variants, user-study-only baselines first)."""
+    studied = set() if shares is None else {str(b) for b in shares.index}
+    present = {rec.variant for rec in records} | studied
+    table2 = [r.variant for r in ROWS if r.variant in present]
+    others = sorted({rec.variant for rec in records} - set(table2))
+    # Baselines only the user study knows (e.g. MAV3D) go first, as MAV3D heads the paper's Table 2.
+    baselines_only = sorted(studied - set(table2) - set(others) - {method})
+    metric_keys = [m.key for m in METRICS if any(m.key in rec.metrics for rec in records)]
+    rows = []
+    for variant in baselines_only + table2 + others:
+        mine = [rec for rec in records if rec.variant == variant]
+        row_def = row_of(variant)
+        row: dict[str, Any] = {
+            "variant": variant,
+            "label": row_def.label if row_def else variant,
+            "paper_clip": row_def.paper_clip if row_def else float("nan"),
+            "expected": len(mine),
+            **{status: sum(rec.status == status for rec in mine) for status in STATUSES},
+        }
+        for key in metric_keys:
+            values = [rec.metrics[key] for rec in mine if key in rec.metrics]
+            row[key] = _mean(values)
+            row[f"{key}_n"] = len(values)
+        for criterion in CRITERIA:
+            have = shares is not None and variant in shares.index and criterion in shares.columns
+            row[criterion] = float(shares.loc[variant, criterion]) if have else float("nan")
+            row[f"{criterion}_p"] = float(shares.loc[variant, f"{criterion}_p"]) if have else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _fmt(value: float, digits: int, suffix: str = "") -> str:
+    return "—" if value is None or math.isnan(value) else f"{value:.{digits}f}{suffix}"
+
+
+def _runs_cell(row: pd.Series) -> str:
+    if row["expected"] == 0:
+        return "no runs"
+    extra = [f"{int(row[s])} {s}" for s in (FAILED, UNFINISHED, MISSING) if row[s]]
+    return f"{int(row[FINISHED])}/{int(row['expected'])}" + (f" ({', '.join(extra)})" if extra else "")
+
+
+def _metric_columns(table: pd.DataFrame) -> list[Metric]:
+    return [m for m in METRICS if m.key in table.columns]
+
+
+def to_markdown(table: pd.DataFrame, records: list[RunRecord], method: str) -> str:
+    """Table 2 as Markdown, followed by every run that is not finished."""
+    metrics = _metric_columns(table)
+    header = ["Method"] + [m.label + (" ↑" if m.higher_is_better else " ↓") for m in metrics]
+    header += (["CLIP (paper)"] if any(m.key == "clip" for m in metrics) else []) + list(CRITERIA) + ["Runs"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for _, row in table.iterrows():
+        cells = [str(row["label"])] + [_fmt(row[m.key], m.digits) for m in metrics]
+        if any(m.key == "clip" for m in metrics):
+            cells.append(_fmt(row["paper_clip"], 1))
+        cells += [_fmt(row[c], 0, "%") for c in CRITERIA] + [_runs_cell(row)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Human preference: % of votes for `{method}` against the row's method (— : no answers)."]
+    pending = [r for r in records if r.status != FINISHED]
+    if pending:
+        lines += ["", "Runs not finished:", ""]
+        lines += [f"- {r.variant} / {r.prompt!r} / seed {r.seed}: **{r.status}** — {r.reason}"
+                  + (f" ({r.path})" if r.path else "") for r in pending]
+    return "\n".join(lines) + "\n"
+
+
+def _latex_escape(text: str) -> str:
+    return text.replace("\\", r"\textbackslash{}").replace("&", r"\&").replace("%", r"\%").replace("_", r"\_")
+
+
+def to_latex(table: pd.DataFrame) -> str:
+    """Table 2 as a LaTeX tabular (booktabs), laid out as the paper's: metrics, then human preference."""
+    metrics = _metric_columns(table)
+    n_cols = 1 + len(metrics) + len(CRITERIA)
+    lines = [r"\begin{tabular}{l" + "c" * (n_cols - 1) + "}", r"\toprule"]
+    lines.append("Method & " + " & ".join(m.label for m in metrics) + (" & " if metrics else "")
+                 + r"\multicolumn{4}{c}{Human Preference} & Overall \\")
+    lines.append(" & " * (1 + len(metrics)) + " & ".join(CRITERIA[:4]) + r" & \\")
+    lines.append(r"\midrule")
+    heading = rf"\multicolumn{{{n_cols}}}{{l}}{{\textit{{Ablation Study}}}} \\"
+    for _, row in table.iterrows():
+        row_def = row_of(str(row["variant"]))
+        if heading and (row_def is not None or row["expected"] > 0):  # after study-only baselines (MAV3D)
+            lines.append(heading)
+            heading = ""
+        name = row_def.latex if row_def else _latex_escape(str(row["label"]))
+        cells = [_fmt(row[m.key], m.digits).replace("—", "--") for m in metrics]
+        cells += [_fmt(row[c], 0, r"\%").replace("—", "--") for c in CRITERIA]
+        lines.append(" & ".join([name, *cells]) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: pd.DataFrame, records: list[RunRecord], path: Path) -> Path:
+    """Bar plot: one panel per metric, one bar per variant (mean over prompts, whiskers: min-max)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = _metric_columns(table)
+    panels = metrics or [None]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 1, 3.6), squeeze=False)
+    labels = [str(x) for x in table["label"]]
+    for ax, metric in zip(axes[0], panels, strict=True):
+        if metric is None:
+            ax.text(0.5, 0.5, "no finished run has metrics", ha="center", va="center")
+            ax.set_axis_off()
+            continue
+        means = [float(v) for v in table[metric.key]]
+        spans = []
+        for variant, mean in zip(table["variant"], means, strict=True):
+            values = [r.metrics[metric.key] for r in records if r.variant == variant and metric.key in r.metrics]
+            spans.append((mean - min(values), max(values) - mean) if values else (0.0, 0.0))
+        x = range(len(labels))
+        ax.bar(x, [0.0 if math.isnan(m) else m for m in means], color="tab:blue",
+               yerr=list(zip(*spans, strict=True)), capsize=3)
+        for i, mean in enumerate(means):
+            if math.isnan(mean):
+                ax.text(i, 0.0, "no runs", rotation=90, ha="center", va="bottom", fontsize=8, color="tab:red")
+        ax.set_xticks(list(x), labels, rotation=45, ha="right", fontsize=8)
+        ax.set_title(metric.label + (" (higher is better)" if metric.higher_is_better else " (lower is better)"),
+                     fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def runs_frame(records: list[RunRecord]) -> pd.DataFrame:
+    """One line per run: identity, status, reason, path, metrics."""
+    keys = [m.key for m in METRICS if any(m.key in r.metrics for r in records)]
+    return pd.DataFrame([{"variant": r.variant, "prompt": r.prompt, "seed": r.seed, "status": r.status,
+                          "reason": r.reason, "path": "" if r.path is None else str(r.path),
+                          **{k: r.metrics.get(k, float("nan")) for k in keys}} for r in records])
+
+
+@dataclass
+class CollectResult:
+    """What collect produced."""
+
+    table: pd.DataFrame  # one row per variant (table2.csv)
+    records: list[RunRecord]  # every run, every status (runs.csv)
+    files: dict[str, Path]  # "csv", "md", "tex", "png", "runs" -> written file
+
+
+def collect(root: Path, options: CollectOptions | None = None) -> CollectResult:
+    """Scan ``root``, compute (or reuse) metrics, merge the user study and write the Table-2 files."""
+    options = options or CollectOptions()
+    root = Path(root)
+    if options.userstudy is not None and not Path(options.userstudy).is_file():
+        raise FileNotFoundError(f"user-study answers {options.userstudy} do not exist")
+    records = find_runs(root)
+    clip = _ClipScorers(options.clip_pretrained, options.clip_device)
+    for record in records:
+        if record.status == FINISHED:
+            ensure_metrics(record, options, clip)
+    answers = options.userstudy
+    if answers is None and (root / USERSTUDY_DEFAULT).is_file():
+        answers = root / USERSTUDY_DEFAULT
+    shares = userstudy_shares(Path(answers), options.method) if answers is not None else None
+    table = build_table(records, shares, options.method)
+    out = Path(options.out_dir or root)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"csv": out / "table2.csv", "md": out / "table2.md", "tex": out / "table2.tex",
+             "png": out / "table2.png", "runs": out / "runs.csv"}
+    _write_text_atomic(files["csv"], table.to_csv(index=False))
+    _write_text_atomic(files["runs"], runs_frame(records).to_csv(index=False))
+    _write_text_atomic(files["md"], to_markdown(table, records, options.method))
+    _write_text_atomic(files["tex"], to_latex(table))
+    plot(table, records, files["png"])
+    return CollectResult(table, records, files)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ablations.collect", description=__doc__.splitlines()[0])
+    parser.add_argument("output_dir", type=Path, help="Hydra multirun directory (or a folder of runs)")
+    parser.add_argument("--out", type=Path, default=None, help="where to write the tables (default OUTPUT_DIR)")
+    parser.add_argument("--recompute", action="store_true", help="recompute metrics cached in metrics.json")
+    clip_group = parser.add_mutually_exclusive_group()
+    clip_group.add_argument("--clip", dest="clip", action="store_const", const=True, default=None,
+                            help="CLIP-score toy-world runs too (default: real runs only)")
+    clip_group.add_argument("--no-clip", dest="clip", action="store_const", const=False,
+                            help="never compute CLIP scores")
+    parser.add_argument("--clip-pretrained", default="openai", help="open_clip tag or checkpoint file")
+    parser.add_argument("--clip-device", default="cpu")
+    parser.add_argument("--userstudy", type=Path, default=None,
+                        help=f"user-study answers CSV (default OUTPUT_DIR/{USERSTUDY_DEFAULT} when present)")
+    parser.add_argument("--method", default=REFERENCE_VARIANT, help="method whose preference shares are shown")
+    args = parser.parse_args(argv)
+    options = CollectOptions(out_dir=args.out, recompute=args.recompute, clip=args.clip,
+                             clip_pretrained=args.clip_pretrained, clip_device=args.clip_device,
+                             userstudy=args.userstudy, method=args.method)
+    try:
+        result = collect(args.output_dir, options)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(result.files["md"].read_text(), end="")
+    counts = {s: sum(r.status == s for r in result.records) for s in STATUSES}
+    print(f"\n{len(result.records)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    print("wrote " + ", ".join(str(p) for p in result.files.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,244 @@
+"""ablations/collect.py on a hand-built sweep: statuses, metric means, caching, user study, files, errors.
+
+The sweep below is what a Table-2 sweep leaves after trouble: 3 variants × 2 prompts, of which two runs
+finished, one died after writing metrics.json but before DONE, one failed at start (submitit recorded
+the error) and two never started. Checkpoints hold random (untrained) fields: the metrics only need to be
+computable, and their expected values are computed here independently of collect.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import pickle
+import shutil
+from functools import cache
+from pathlib import Path
+
+import imageio.v3 as iio
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from scipy.stats import chisquare
+
+from ablations import collect
+from ablations.table2 import ROWS
+from eval.gt_metrics import run_metrics
+from fourdfy.api import build_field, prepare_run_dir
+from fourdfy.checkpoint import save_checkpoint
+from fourdfy.config import RunConfig, register_configs
+from fourdfy.export.video import write_video
+
+REPO = Path(__file__).resolve().parents[1]
+BALL, CUBE = "a red ball bouncing on a blue box", "a yellow cube spinning"
+SLUG = {BALL: "a_red_ball_bouncing_on_a_blue_box", CUBE: "a_yellow_cube_spinning"}
+FAIL_MESSAGE = "ValueError: schedule.p_3d must be a probability in [0, 1], got 1.5"
+
+MULTIRUN_YAML = f"""\
+hydra:
+  sweeper:
+    _target_: hydra._internal.core_plugins.basic_sweeper.BasicSweeper
+    max_batch_size: null
+    params:
+      prompt: '"{BALL}","{CUBE}"'
+  overrides:
+    task:
+    - variant=full,no_3d,no_vsd
+    - preset=smoke
+variant:
+  name: full
+prompt: {BALL}
+seed: 0
+"""
+
+
+@cache
+def _composed(variant: str, prompt: str) -> RunConfig:
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["preset=smoke", f"variant={variant}", f"prompt={prompt}"])
+    return OmegaConf.to_object(cfg)
+
+
+def run_config(variant: str, prompt: str) -> RunConfig:
+    return copy.deepcopy(_composed(variant, prompt))
+
+
+def make_run(root: Path, variant: str, prompt: str, finished: bool, seed: int = 0) -> Path:
+    run_dir = root / variant / SLUG[prompt] / "seed0"
+    cfg = run_config(variant, prompt)
+    prepare_run_dir(cfg, run_dir)
+    torch.manual_seed(seed)
+    field, background = build_field(cfg.field)
+    save_checkpoint(run_dir / "checkpoints", 20, {"iteration": 20, "field": field.state_dict(),
+                                                  "background": background.state_dict()})
+    # What generate writes before DONE: its own metrics. A run that died here is not finished.
+    (run_dir / "metrics.json").write_text(json.dumps({"psnr": 1.0, "skipped_steps": 0}))
+    if finished:
+        (run_dir / "DONE").write_text("finished\n")
+    return run_dir
+
+
+def make_failed_job(root: Path, variant: str, prompt: str, job_id: str) -> Path:
+    """A Hydra job that failed before training: .hydra/ only, and submitit's error pickle."""
+    run_dir = root / variant / SLUG[prompt] / "seed0"
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.structured(run_config(variant, prompt)), run_dir / ".hydra" / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": {"job": {"id": job_id, "num": 3}}}), run_dir / ".hydra" / "hydra.yaml")
+    folder = root / ".submitit" / job_id
+    folder.mkdir(parents=True)
+    with open(folder / f"{job_id}_0_result.pkl", "wb") as f:
+        pickle.dump(("error", f"Traceback (most recent call last):\n  ...\n{FAIL_MESSAGE}\n"), f)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def base_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("base") / "2026-01-01_00-00-00"
+    root.mkdir(parents=True)
+    (root / "multirun.yaml").write_text(MULTIRUN_YAML)
+    make_run(root, "full", BALL, finished=True, seed=1)
+    make_run(root, "full", CUBE, finished=True, seed=2)
+    make_run(root, "no_3d", BALL, finished=False, seed=3)
+    make_failed_job(root, "no_3d", CUBE, "7_3")
+    return root  # no_vsd: both jobs never started
+
+
+@pytest.fixture
+def sweep(base_sweep: Path, tmp_path: Path) -> Path:
+    """A fresh copy per test (collect writes into it)."""
+    return Path(shutil.copytree(base_sweep, tmp_path / "multirun" / base_sweep.name))
+
+
+def _row(table: pd.DataFrame, variant: str) -> pd.Series:
+    return table.set_index("variant").loc[variant]
+
+
+def test_statuses_means_and_cached_metrics(sweep: Path, tmp_path: Path) -> None:
+    result = collect.collect(sweep, collect.CollectOptions(out_dir=tmp_path / "out"))
+    table = result.table
+    assert list(table["variant"]) == ["full", "no_3d", "no_vsd"]  # Table 2's order, every variant kept
+
+    full = _row(table, "full")
+    assert (full["expected"], full["finished"], full["failed"], full["missing"]) == (2, 2, 0, 0)
+    direct = [run_metrics(sweep / "full" / SLUG[p] / "seed0") for p in (BALL, CUBE)]
+    for key in ("psnr", "ssim", "depth_error", "motion_error"):
+        assert full[key] == pytest.approx((direct[0][key] + direct[1][key]) / 2, rel=1e-9)
+
+    no_3d = _row(table, "no_3d")
+    assert (no_3d["finished"], no_3d["failed"], no_3d["unfinished"]) == (0, 1, 1)
+    assert math.isnan(no_3d["psnr"])  # a run without DONE is never scored, though it has metrics.json
+    assert (_row(table, "no_vsd")["missing"], _row(table, "no_vsd")["expected"]) == (2, 2)
+
+    by_key = {(r.variant, r.prompt): r for r in result.records}
+    assert by_key[("no_3d", CUBE)].reason == FAIL_MESSAGE
+    assert "no DONE" in by_key[("no_3d", BALL)].reason
+    assert by_key[("no_vsd", BALL)].status == collect.MISSING and by_key[("no_vsd", BALL)].path is None
+    assert len(pd.read_csv(result.files["runs"])) == 6
+
+    # Written beside the run, generate's own keys kept; no temporary file left behind.
+    saved = json.loads((sweep / "full" / SLUG[BALL] / "seed0" / "metrics.json").read_text())
+    assert saved["psnr"] == 1.0 and saved["eval"]["gt"]["values"]["psnr"] == pytest.approx(direct[0]["psnr"])
+    assert not list(sweep.rglob(".metrics.json.tmp*"))
+    unfinished = json.loads((sweep / "no_3d" / SLUG[BALL] / "seed0" / "metrics.json").read_text())
+    assert "eval" not in unfinished
+
+
+def test_metrics_are_recomputed_only_when_asked(sweep: Path) -> None:
+    collect.collect(sweep)
+    path = sweep / "full" / SLUG[BALL] / "seed0" / "metrics.json"
+    data = json.loads(path.read_text())
+    true_psnr = data["eval"]["gt"]["values"]["psnr"]
+    data["eval"]["gt"]["values"]["psnr"] = 99.0  # a marker: reused values come back unchanged
+    path.write_text(json.dumps(data))
+    other = collect.collect(sweep).records
+    assert next(r for r in other if r.variant == "full" and r.prompt == BALL).metrics["psnr"] == 99.0
+    fresh = collect.collect(sweep, collect.CollectOptions(recompute=True)).records
+    assert next(r for r in fresh if r.variant == "full" and r.prompt == BALL).metrics["psnr"] == true_psnr
+
+    data = json.loads(path.read_text())
+    data["eval"]["gt"]["settings"]["size"] = 64  # computed with other settings
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=f"{path}.*--recompute"):
+        collect.collect(sweep)
+
+
+def _answers(path: Path) -> Path:
+    rows = []
+    aq_choices = ["left", "left", "left", "right"]  # `full` (left) wins AQ 3 of 4
+    for i, aq in enumerate(aq_choices):
+        for criterion in ("AQ", "SQ", "MQ", "TA", "Overall"):
+            rows.append([f"r{i}", "c1", BALL, "full", "no_3d", criterion, aq if criterion == "AQ" else "left"])
+        overall = "right" if i < 2 else "left"  # `full` (right) against mav3d: 2 of 4 overall
+        for criterion in ("AQ", "SQ", "MQ", "TA", "Overall"):
+            rows.append([f"r{i}", "c2", BALL, "mav3d", "full", criterion, overall])
+    pd.DataFrame(rows, columns=["rater_id", "comparison_id", "prompt", "left_method", "right_method", "criterion",
+                                "choice"]).to_csv(path, index=False)
+    return path
+
+
+def test_userstudy_shares_merge_into_the_table(sweep: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="answers.csv do not exist"):
+        collect.collect(sweep, collect.CollectOptions(userstudy=sweep / "answers.csv"))
+    (sweep / "userstudy").mkdir()
+    _answers(sweep / "userstudy" / "answers.csv")  # the default place: found without an option
+    result = collect.collect(sweep)
+    table = result.table
+    assert list(table["variant"]) == ["mav3d", "full", "no_3d", "no_vsd"]  # study-only baseline first, as MAV3D
+    no_3d = _row(table, "no_3d")
+    assert no_3d["AQ"] == pytest.approx(75.0) and no_3d["SQ"] == pytest.approx(100.0)
+    assert no_3d["AQ_p"] == pytest.approx(chisquare([3, 1]).pvalue)
+    assert _row(table, "mav3d")["Overall"] == pytest.approx(50.0) and _row(table, "mav3d")["expected"] == 0
+    assert math.isnan(_row(table, "full")["AQ"])  # the reference method has no share against itself
+
+    md = result.files["md"].read_text()
+    assert "| w/o ∇L_3D |" in md and "75%" in md and "no runs" in md
+    assert f"**failed** — {FAIL_MESSAGE}" in md and "**missing**" in md
+    tex = result.files["tex"].read_text()
+    assert r"w/o $\nabla_{\theta} \mathcal{L}_{3D}$" in tex and r"75\%" in tex and r"\multicolumn{4}{c}{Human" in tex
+    assert iio.imread(result.files["png"]).ndim == 3
+
+
+def test_table2_rows_follow_the_paper() -> None:
+    assert [r.variant for r in ROWS] == ["full", "no_image_guidance", "no_3d", "no_vsd", "no_hybrid", "hexplane"]
+    assert [r.paper_clip for r in ROWS] == [35.0, 29.3, 35.1, 34.5, 33.8, 34.5]  # paper Table 2, ablation block
+
+
+def test_bad_input_errors_name_the_path(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
+        collect.collect(tmp_path / "nowhere")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=f"{empty} is an empty sweep"):
+        collect.collect(empty)
+    (empty / "multirun.yaml").write_text(MULTIRUN_YAML)
+    with pytest.raises(ValueError, match="lists 6 job\\(s\\) but none has started"):
+        collect.collect(empty)
+
+    other = tmp_path / "other" / "run"
+    other.mkdir(parents=True)
+    (other / "config.yaml").write_text("prompt: x\nseed: 0\nlearning_rate: 0.1\n")
+    (other / "fingerprint.json").write_text('{"fingerprint": "0"}')
+    with pytest.raises(ValueError, match=f"{other / 'config.yaml'} does not match the fourdfy run schema"):
+        collect.collect(tmp_path / "other")
+
+    assert collect.main([str(empty)]) == 2
+    assert "empty sweep" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # builds a ViT-B/32 (random weights): ~10-20 s on 2 busy cores
+def test_clip_scores_join_the_table_when_asked(sweep: Path) -> None:
+    # Random CLIP weights (pretrained=None): no download; the number is meaningless, the wiring is not.
+    for prompt in (BALL, CUBE):
+        frames = torch.rand(4, 16, 16, 3, generator=torch.Generator().manual_seed(0))
+        write_video(frames, sweep / "full" / SLUG[prompt] / "seed0" / "renders" / "orbit.mp4", fps=4)
+    result = collect.collect(sweep, collect.CollectOptions(clip=True, clip_pretrained=None))
+    full = _row(result.table, "full")
+    assert 0.0 <= full["clip"] <= 100.0 and full["clip_n"] == 2
+    saved = json.loads((sweep / "full" / SLUG[BALL] / "seed0" / "metrics.json").read_text())["eval"]["clip"]
+    assert saved["settings"]["pretrained"] is None and 0.0 <= saved["values"]["clip"] <= 100.0
+    md = result.files["md"].read_text()
+    assert "CLIP ↑" in md and "CLIP (paper)" in md and "| 4D-fy | " + f"{full['clip']:.1f}" in md
