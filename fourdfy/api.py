@@ -18,7 +18,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from fourdfy.checkpoint import load_latest_checkpoint
+from fourdfy.checkpoint import list_checkpoints, load_latest_checkpoint
 from fourdfy.config import FieldConfig, HashGridConfig, RunConfig
 from fourdfy.export.curves import curves_callback
 from fourdfy.export.outputs import write_outputs
@@ -96,18 +96,27 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     stamp = run_dir / "fingerprint.json"
     fingerprint = config_fingerprint(cfg)
-    if stamp.exists():
+    has_checkpoints = bool(list_checkpoints(run_dir / "checkpoints"))
+    if stamp.exists() and has_checkpoints:
         old = json.loads(stamp.read_text())["fingerprint"]
         if old != fingerprint:
             raise ValueError(
                 f"{run_dir} holds a run of a different config (fingerprint {old} != {fingerprint}); "
                 "refusing to resume it. Use a new output directory, or restore the original settings."
             )
-    else:
+    else:  # a fresh directory, or one whose earlier attempt never trained: (re)stamp it
         _write_json_atomic(stamp, {"fingerprint": fingerprint})
     tmp = run_dir / f".config.yaml.tmp-{os.getpid()}"
     OmegaConf.save(OmegaConf.structured(cfg), tmp)
     os.replace(tmp, run_dir / "config.yaml")
+
+
+def _validate_eval(cfg: RunConfig) -> None:
+    for key in ("orbit_views", "size", "video_frames", "video_size", "grid_views", "grid_times", "fps", "n_samples"):
+        if getattr(cfg.eval, key) < 1:
+            raise ValueError(f"eval.{key} must be >= 1, got {getattr(cfg.eval, key)}")
+    if cfg.field.heads.hidden_dim < 1:
+        raise ValueError(f"field.heads.hidden_dim must be >= 1, got {cfg.field.heads.hidden_dim}")
 
 
 def is_finished(run_dir: Path) -> bool:
@@ -120,16 +129,18 @@ def generate(cfg: RunConfig, run_dir: Path, callbacks: list[Callback] | None = N
     if is_finished(run_dir):
         print(f"[fourdfy] {run_dir} is already finished (DONE exists); nothing to do.")
         return json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
+    # Everything that can reject the config runs before the run directory is touched.
     cfg.schedule.validate()
     cfg.trainer.validate()
     cfg.cameras.validate()
-    prepare_run_dir(cfg, run_dir)
+    _validate_eval(cfg)
     torch.manual_seed(cfg.seed)
     field, background = build_field(cfg.field)
     field.to(cfg.device)
     background.to(cfg.device)
     guidances = build_guidances(cfg)
     schedule = HybridSchedule(cfg.schedule)
+    prepare_run_dir(cfg, run_dir)
     logger = make_logger(cfg.logger, run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)),
                          name=f"{cfg.variant.name}/{cfg.prompt}", job_type=cfg.variant.name)
     live_curves = curves_callback(cfg.trainer.checkpoint_every, cfg.prompt, cfg.schedule.stage_lengths)

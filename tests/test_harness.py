@@ -75,11 +75,10 @@ def test_unknown_names_fail_at_compose_time(override: str, error: type, pattern:
     ("trainer.static_prior_time=2.0", "trainer.static_prior_time"),
     ("cameras.fovy_range=[10,200]", "fovy_range"),
     ("renderer.n_samples=0", "n_samples"),
-    pytest.param("field.kind=foo", "field.kind", marks=pytest.mark.xfail(
-        strict=True, reason="fourdfy.api.generate checks field.kind after prepare_run_dir: config.yaml and "
-                            "fingerprint.json are left behind (reported to the lead)")),
-    pytest.param("guidance.backend=foo", "guidance.backend", marks=pytest.mark.xfail(
-        strict=True, reason="checked after prepare_run_dir (reported to the lead)")),
+    ("field.kind=foo", "field.kind"),
+    ("guidance.backend=foo", "guidance.backend"),
+    ("eval.size=0", "eval.size"),
+    ("field.heads.hidden_dim=0", "field.heads.hidden_dim"),
 ])
 def test_out_of_range_values_fail_before_any_work_naming_the_key(override: str, key: str, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
