@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -52,7 +53,7 @@ class WandbLogger:
         import wandb  # optional dependency: imported only when asked for
 
         id_file = Path(run_dir) / "wandb_run_id.json"
-        run_id = json.loads(id_file.read_text())["id"] if id_file.exists() else wandb.util.generate_id()
+        run_id = json.loads(id_file.read_text())["id"] if id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(json.dumps({"id": run_id}))
         os.environ.setdefault("WANDB_MODE", cfg.mode)
         self._wandb = wandb
