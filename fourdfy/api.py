@@ -127,7 +127,7 @@ def generate(cfg: RunConfig, run_dir: Path, callbacks: list[Callback] | None = N
     """Train ``cfg`` in ``run_dir`` (resuming when possible) and write renders, metrics and DONE."""
     run_dir = Path(run_dir)
     if is_finished(run_dir):
-        print(f"[fourdfy] {run_dir} is already finished (DONE exists); nothing to do.")
+        print(f"[fourdfy] {run_dir} is already finished (DONE exists); nothing to do.", flush=True)
         return json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
     # Everything that can reject the config runs before the run directory is touched.
     cfg.schedule.validate()
@@ -150,7 +150,7 @@ def generate(cfg: RunConfig, run_dir: Path, callbacks: list[Callback] | None = N
         callbacks=[live_curves, *(callbacks or [])],
     )
     if trainer.try_resume():
-        print(f"[fourdfy] resumed {run_dir} at iteration {trainer.iteration}")
+        print(f"[fourdfy] resumed {run_dir} at iteration {trainer.iteration}", flush=True)
     trainer.train()
     metrics = write_outputs(cfg, field, run_dir, logger, step=trainer.iteration)
     metrics["skipped_steps"] = trainer.skipped_steps
