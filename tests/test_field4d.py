@@ -22,7 +22,8 @@ def _field(kind="hashgrid"):
 
 def test_paper_defaults_build_the_paper_field():
     cfg = FieldConfig()
-    assert (cfg.static_grid.n_levels, cfg.static_grid.log2_hashmap_size, cfg.static_grid.base_resolution) == (16, 19, 16)
+    grid = cfg.static_grid
+    assert (grid.n_levels, grid.log2_hashmap_size, grid.base_resolution) == (16, 19, 16)
     field, _ = build_field(cfg)
     assert field.static_encoding.n_output_dims == 32 and field.dynamic_encoding.n_output_dims == 32
     assert field.static_encoding.level_resolutions[-1] == 4096

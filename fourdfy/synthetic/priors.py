@@ -238,11 +238,10 @@ class ImageBank:
     images: dict[str, torch.Tensor]  # prompt -> [M, H·W·3]
     directions: torch.Tensor  # [M, 3] camera directions (shared by all prompts)
 
-    def all_images(self) -> torch.Tensor:
-        return torch.cat(list(self.images.values()))
-
-    def all_directions(self) -> torch.Tensor:
-        return self.directions.repeat(len(self.images), 1)
+    def __post_init__(self) -> None:
+        # The unconditional branch's data, concatenated once rather than at every step.
+        self.all_images = torch.cat(list(self.images.values()))  # [P·M, H·W·3]
+        self.all_directions = self.directions.repeat(len(self.images), 1)  # [P·M, 3]
 
 
 def build_image_banks(size: int, cfg: ToyDataConfig, blur_sigmas: list[float]) -> list[ImageBank]:
@@ -334,8 +333,8 @@ class ToyMultiViewPrior(_ClosedFormPrior):
         x = _to_signed(renders).reshape(len(renders), -1)
         dirs = camera_directions(cameras)
         log_c = camera_log_kernel(dirs, self.bank.directions, self.cfg.camera_tau_deg)
-        log_u = camera_log_kernel(dirs, self.bank.all_directions(), self.cfg.camera_tau_deg)
-        return self._step(x, self.bank.images[prompt], self.bank.all_images(), log_c, log_u)
+        log_u = camera_log_kernel(dirs, self.bank.all_directions, self.cfg.camera_tau_deg)
+        return self._step(x, self.bank.images[prompt], self.bank.all_images, log_c, log_u)
 
 
 class ToyImagePrior(_ClosedFormPrior):
@@ -360,7 +359,7 @@ class ToyImagePrior(_ClosedFormPrior):
             def eps_prime_fn(z, ab, noise):
                 return eps_from_x0(z, ideal_denoiser(z, ab, self.buffer_images, log_k), ab)
 
-        return self._step(x, self.bank.images[prompt], self.bank.all_images(), None, None, eps_prime_fn)
+        return self._step(x, self.bank.images[prompt], self.bank.all_images, None, None, eps_prime_fn)
 
     def finetune_step(self, renders, prompt, cameras, step) -> dict[str, float]:
         """VSD's LoRA step, in closed form: remember the render and its camera (FIFO of buffer_size)."""
@@ -401,6 +400,10 @@ class ToyVideoPrior(_ClosedFormPrior):
         self.clip_starts = torch.cat(starts)  # [M]
         key = {"video": asdict(cfg), "data": asdict(data_cfg)}
         self.clips = _cached("clips", key, lambda: self._render_clips(cams, data_cfg))
+        # The unconditional branch's clips and their conditions, concatenated once.
+        self.all_clips = torch.cat(list(self.clips.values()))
+        self.all_clip_dirs = self.clip_dirs.repeat(len(self.clips), 1)
+        self.all_clip_starts = self.clip_starts.repeat(len(self.clips))
 
     def _render_clips(self, cams: Cameras, data_cfg: ToyDataConfig) -> dict[str, torch.Tensor]:
         """Every scene × clip start × camera: a [M, F·H·W·3] clip bank per prompt, start-major."""
@@ -420,10 +423,12 @@ class ToyVideoPrior(_ClosedFormPrior):
             clips[scene.prompt] = torch.cat(per_start)
         return clips
 
-    def _log_kernel(self, cameras: Cameras, times: torch.Tensor, n_repeat: int) -> torch.Tensor:
-        cam = camera_log_kernel(camera_directions(cameras[:1]), self.clip_dirs.repeat(n_repeat, 1),
-                                self.cfg.camera_tau_deg)
-        dt = times[:1, None] - self.clip_starts.repeat(n_repeat)[None]
+    def _log_kernel(
+        self, cameras: Cameras, times: torch.Tensor, dirs: torch.Tensor, starts: torch.Tensor
+    ) -> torch.Tensor:
+        """log k over clips [1, M]: camera kernel of the (fixed) video camera + kernel on the clip start."""
+        cam = camera_log_kernel(camera_directions(cameras[:1]), dirs, self.cfg.camera_tau_deg)
+        dt = times[:1, None] - starts[None]
         return cam - dt**2 / (2.0 * self.cfg.time_tau**2)
 
     def __call__(self, renders, prompt, cameras, times, step) -> GuidanceOut:
@@ -431,10 +436,9 @@ class ToyVideoPrior(_ClosedFormPrior):
         if len(renders) != self.cfg.n_frames:
             raise ValueError(f"video prior needs {self.cfg.n_frames} frames, got {len(renders)}")
         x = _to_signed(renders).reshape(1, -1)
-        log_c = self._log_kernel(cameras, times, 1)
-        log_u = self._log_kernel(cameras, times, len(self.clips))
-        uncond = torch.cat(list(self.clips.values()))
-        out = self._step(x, self.clips[prompt], uncond, log_c, log_u)
+        log_c = self._log_kernel(cameras, times, self.clip_dirs, self.clip_starts)
+        log_u = self._log_kernel(cameras, times, self.all_clip_dirs, self.all_clip_starts)
+        out = self._step(x, self.clips[prompt], self.all_clips, log_c, log_u)
         return GuidanceOut(self.cfg.loss_weight * out.loss, out.stats)
 
 
