@@ -13,6 +13,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from fourdfy.api import generate
@@ -32,7 +33,10 @@ if not OmegaConf.has_resolver("slug"):
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(dict_cfg: DictConfig) -> float | None:
     cfg: RunConfig = OmegaConf.to_object(dict_cfg)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    if cfg.logger.group is None and hydra_cfg.mode == RunMode.MULTIRUN:
+        cfg.logger.group = Path(hydra_cfg.sweep.dir).name  # one W&B group per sweep
     metrics = generate(cfg, run_dir)
     return metrics.get("psnr")
 

@@ -97,6 +97,9 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
     stamp = run_dir / "fingerprint.json"
     fingerprint = config_fingerprint(cfg)
     has_checkpoints = bool(list_checkpoints(run_dir / "checkpoints"))
+    if has_checkpoints and not stamp.exists():
+        raise ValueError(f"{run_dir} holds checkpoints but no fingerprint.json, so its config cannot be checked; "
+                         "refusing to resume it. Use a new output directory.")
     if stamp.exists() and has_checkpoints:
         old = json.loads(stamp.read_text())["fingerprint"]
         if old != fingerprint:
@@ -112,6 +115,9 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
 
 
 def _validate_eval(cfg: RunConfig) -> None:
+    if cfg.renderer.occupancy_grid:
+        raise ValueError("renderer.occupancy_grid=true is not wired into the trainer yet (the grid would never be "
+                         "updated nor checkpointed); leave it false")
     for key in ("orbit_views", "size", "video_frames", "video_size", "grid_views", "grid_times", "fps", "n_samples"):
         if getattr(cfg.eval, key) < 1:
             raise ValueError(f"eval.{key} must be >= 1, got {getattr(cfg.eval, key)}")
@@ -143,7 +149,7 @@ def generate(cfg: RunConfig, run_dir: Path, callbacks: list[Callback] | None = N
     prepare_run_dir(cfg, run_dir)
     logger = make_logger(cfg.logger, run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)),
                          name=f"{cfg.variant.name}/{cfg.prompt}", job_type=cfg.variant.name)
-    live_curves = curves_callback(cfg.trainer.checkpoint_every, cfg.prompt, cfg.schedule.stage_lengths)
+    live_curves = curves_callback(cfg.trainer.checkpoint_every, cfg.prompt, list(schedule.stage_lengths))
     trainer = Trainer(
         cfg.trainer, field, background, Renderer(cfg.renderer), guidances, schedule, cfg.cameras, cfg.prompt,
         run_dir, seed=cfg.seed, random_background_prob=cfg.field.background.random_color_prob, logger=logger,

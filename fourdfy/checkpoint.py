@@ -40,6 +40,15 @@ def save_checkpoint(directory: Path, iteration: int, state: dict[str, Any], keep
     path = directory / f"ckpt_{iteration:09d}.pt"
     _atomic_write(path, data)
     _atomic_write(path.with_name(path.name + ".sha256"), hashlib.sha256(data).hexdigest().encode())
+    # Make the renames durable before anything older is deleted.
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    for stale in directory.glob(".ckpt_*.tmp-*"):  # left by a writer killed mid-write
+        if not stale.name.endswith(f"-{os.getpid()}"):
+            stale.unlink(missing_ok=True)
     for old in list_checkpoints(directory)[:-keep]:
         old.unlink(missing_ok=True)
         old.with_name(old.name + ".sha256").unlink(missing_ok=True)

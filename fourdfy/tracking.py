@@ -55,11 +55,11 @@ class WandbLogger:
         id_file = Path(run_dir) / "wandb_run_id.json"
         run_id = json.loads(id_file.read_text())["id"] if id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(json.dumps({"id": run_id}))
-        os.environ.setdefault("WANDB_MODE", cfg.mode)
+        mode = os.environ.get("WANDB_MODE", cfg.mode)  # the environment wins, as documented
         self._wandb = wandb
         self.run = wandb.init(
             project=cfg.project, entity=cfg.entity, group=cfg.group, job_type=job_type, name=name,
-            id=run_id, resume="allow", dir=str(run_dir), config=config, mode=cfg.mode,
+            id=run_id, resume="allow", dir=str(run_dir), config=config, mode=mode,
         )
         self.run_id = run_id
 

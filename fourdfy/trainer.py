@@ -107,6 +107,10 @@ class Trainer:
                     raise ValueError(f"the schedule draws {kind!r} updates in stage {stage} but no {kind!r} "
                                      f"guidance was given (have: {sorted(guidances)})")
 
+        video = guidances.get("vid")
+        if video is not None and video.n_views != cfg.n_frames:
+            raise ValueError(f"the video prior renders {video.n_views} frames but trainer.n_frames is {cfg.n_frames}; "
+                             "set trainer.n_frames to match (checked now, not at the first video step)")
         self.groups = field.param_groups()
         self.groups["heads"] = self.groups["heads"] + list(background.parameters())
         lrs = schedule.lr(0)
@@ -118,7 +122,6 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(seed)
         self.iteration = 0  # next iteration to run
         self.skipped_steps = 0  # non-finite losses or gradients, never applied
-        self.history: list[dict[str, float]] = []
 
     # ------------------------------------------------------------------------------------------
     # State
@@ -159,7 +162,24 @@ class Trainer:
         if found is None:
             return False
         self.load_state_dict(found[0])
+        self._truncate_log()
         return True
+
+    def _truncate_log(self) -> None:
+        """Drop log rows past the resumed iteration: they are about to be written again."""
+        log_path = self.run_dir / "log.jsonl"
+        if not log_path.exists():
+            return
+        kept = []
+        for line in log_path.read_text().splitlines():
+            try:
+                if json.loads(line)["iteration"] < self.iteration:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a row torn by the kill
+        tmp = log_path.with_name(f".{log_path.name}.tmp")
+        tmp.write_text("".join(row + "\n" for row in kept))
+        tmp.replace(log_path)
 
     # ------------------------------------------------------------------------------------------
     # One iteration
@@ -271,7 +291,6 @@ class Trainer:
                     scalars["time_s"] = time.perf_counter() - start
                     log_file.write(json.dumps(_jsonable(scalars)) + "\n")
                     log_file.flush()
-                    self.history.append(scalars)
                     self.logger.log({k: v for k, v in scalars.items() if isinstance(v, (int, float))}, step=it)
                 if self.iteration % self.cfg.checkpoint_every == 0 or self.iteration in stage_ends:
                     self.save()

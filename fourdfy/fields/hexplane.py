@@ -8,7 +8,8 @@ an encoding module with the same interface as the hash grid ([N,D] in [0,1] -> [
 Within a part the three planes are multiplied (K-Planes' Hadamard product, which lets a plane
 factorisation represent localised content); scales are concatenated. The time planes start at 1 and
 the dynamic part subtracts 1, so the dynamic contribution is exactly 0 at initialisation, as the
-frozen-at-init hash grid's is ~0.
+frozen-at-init hash grid's is ~0. The time planes are stored as offsets from 1 (initialised to 0), so
+AdamW's weight decay pulls them towards "no motion" rather than towards −1.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ class TimePlaneEncoding(nn.Module):
         self.planes = nn.ParameterList()
         for res in cfg.resolutions:
             for _ in range(3):
-                self.planes.append(nn.Parameter(torch.ones(cfg.n_features, cfg.time_resolution, res)))
+                self.planes.append(nn.Parameter(torch.zeros(cfg.n_features, cfg.time_resolution, res)))
         self.n_scales = len(cfg.resolutions)
         self.n_output_dims = cfg.n_features * self.n_scales
 
@@ -90,7 +91,7 @@ class TimePlaneEncoding(nn.Module):
         for s in range(self.n_scales):
             prod = None
             for k in range(3):
-                f = _sample_plane(self.planes[3 * s + k], xt[:, [k, 3]])
+                f = 1.0 + _sample_plane(self.planes[3 * s + k], xt[:, [k, 3]])
                 prod = f if prod is None else prod * f
             outs.append(prod - 1.0)
         return torch.cat(outs, dim=-1)
