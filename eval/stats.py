@@ -48,18 +48,24 @@ def _check_count(name: str, value: object) -> int:
     return int(value)
 
 
+def _check_votes(votes_for: int, total: int) -> tuple[int, int]:
+    """Validated (votes_for, total): integers with 0 <= votes_for <= total and total > 0."""
+    votes_for = _check_count("votes_for", votes_for)
+    total = _check_count("total", total)
+    if total <= 0:
+        raise ValueError(f"total must be > 0 (no votes cast?), got {total}")
+    if not 0 <= votes_for <= total:
+        raise ValueError(f"votes_for must lie in [0, total={total}], got {votes_for}")
+    return votes_for, total
+
+
 def wilson_interval(votes_for: int, total: int, confidence: float = 0.95) -> tuple[float, float]:
     """Wilson score interval for a binomial share votes_for / total.
 
     It is the set of true shares p0 that the score (χ²) test does not reject, so it agrees with
     `preference_test`: 0.5 lies outside the 95 % interval exactly when the test is significant at 0.05.
     """
-    votes_for = _check_count("votes_for", votes_for)
-    total = _check_count("total", total)
-    if total <= 0:
-        raise ValueError(f"total must be > 0 to form an interval, got {total}")
-    if not 0 <= votes_for <= total:
-        raise ValueError(f"votes_for must lie in [0, total={total}], got {votes_for}")
+    votes_for, total = _check_votes(votes_for, total)
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
     z = float(norm.ppf(0.5 + confidence / 2.0))
@@ -82,12 +88,7 @@ def preference_test(votes_for: int, total: int, alpha: float = 0.05) -> Preferen
         total: all votes cast on this criterion (N > 0), e.g. raters × comparisons.
         alpha: significance level, 0.05 in the paper (Sec. 4.1).
     """
-    votes_for = _check_count("votes_for", votes_for)
-    total = _check_count("total", total)
-    if total <= 0:
-        raise ValueError(f"total must be > 0 (no votes cast?), got {total}")
-    if not 0 <= votes_for <= total:
-        raise ValueError(f"votes_for must lie in [0, total={total}], got {votes_for}")
+    votes_for, total = _check_votes(votes_for, total)
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
     expected = total / 2.0
