@@ -59,9 +59,11 @@ class Metric:
     digits: int  # decimals shown in Markdown / LaTeX
 
 
-# Column order: CLIP first (the paper's one metric), then the toy world's ground-truth metrics.
+# Column order: CLIP first (the paper's one metric), then the toy world's ground-truth metrics, the
+# combined one (eval.gt_metrics.combined_error) first.
 METRICS: tuple[Metric, ...] = (
     Metric("clip", "CLIP", True, 1),
+    Metric("gt_error", "GT err. (combined)", False, 4),
     Metric("psnr", "PSNR", True, 2),
     Metric("ssim", "SSIM", True, 3),
     Metric("depth_error", "Depth err.", False, 3),
@@ -314,12 +316,14 @@ def ensure_metrics(record: RunRecord, options: CollectOptions, clip: _ClipScorer
     section: dict[str, Any] = dict(data.get("eval") or {})
     changed = False
     if record.backend == "synthetic":
-        from eval.gt_metrics import GTMetricsConfig, run_metrics
+        from eval.gt_metrics import GTMetricsConfig, combined_error, run_metrics
 
         gt_cfg = GTMetricsConfig.from_eval(record.config.eval)
         values, fresh = _cached(section, "gt", gt_cfg.settings(), path,
                                 lambda: run_metrics(record.path, gt_cfg), options.recompute)
         record.metrics.update({k: float(values[k]) for k in _GT_KEYS})
+        # Derived, not cached: metrics.json files written before the combined column still combine.
+        record.metrics["gt_error"] = combined_error(record.metrics)
         changed |= fresh
     want_clip = options.clip if options.clip is not None else record.backend == "real"
     if want_clip:

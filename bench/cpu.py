@@ -13,6 +13,12 @@ in the same run, so results from different machines compare.
    the field itself (field forward + backward on the renderer's sample points, measured alone).
 3. ``toy_iteration``: seconds of one `Trainer.step()` per update kind on the CPU demo (synthetic priors),
    and ``over_3d``: each kind's time relative to the 3D step.
+4. ``occupancy``: rays/s of `Renderer.render` with and without the occupancy grid (updated at 17 times over
+   [0, 1], the trainer's default) at the demo's renderer settings, and their ``speedup``: on the demo's toy
+   scene (a ball on a box, mostly empty space; analytic, so forward only, as in evaluation) and on the demo
+   field at initialisation (its density blob; forward + backward, as in training). ``samples_kept`` is the
+   fraction of samples the grid lets through (1 / samples_kept bounds the speed-up), ``max_abs_diff`` the
+   largest rgb difference between the two renders.
 ``machine.matmul_gflops`` (a float32 1024³ matrix product) calibrates the machine.
 
 Times are medians of repeated runs after a warm-up. Run with OMP_NUM_THREADS set to the cores you want
@@ -214,6 +220,76 @@ def bench_renderer(cfg: Any, size: int, reps: int, warmup: int = 1) -> dict[str,
     }
 
 
+def _occupancy_case(scene: Any, renderer_cfg: Any, times: Tensor, grad: bool, size: int, reps: int,
+                    warmup: int) -> dict[str, Any]:
+    """One scene rendered (4 orbit views of size², view b at times[b]) with and without the grid."""
+    import dataclasses
+
+    from fourdfy.render.cameras import orbit_cameras
+    from fourdfy.render.volume import Renderer
+    from fourdfy.trainer import TrainerConfig
+
+    cameras = orbit_cameras(len(times))
+    dense = Renderer(dataclasses.replace(renderer_cfg, occupancy_grid=False))
+    sparse = Renderer(dataclasses.replace(renderer_cfg, occupancy_grid=True))
+    sparse.update_occupancy(scene, torch.linspace(0.0, 1.0, TrainerConfig().occupancy_times))
+
+    def render(renderer: Renderer, field: Any) -> dict[str, Tensor]:
+        gen = torch.Generator().manual_seed(0)
+        return renderer.render(field, cameras, times, size, size, generator=gen)
+
+    n_queried: list[int] = []
+    rgbs: list[Tensor] = []
+    for renderer in (dense, sparse):
+        points: list[int] = []
+
+        def counting(x: Tensor, t: Tensor, points: list[int] = points) -> tuple[Tensor, Tensor]:
+            points.append(x.shape[0])
+            return scene(x, t)
+
+        with torch.no_grad():
+            rgbs.append(render(renderer, counting)["rgb"])
+        n_queried.append(sum(points))
+
+    def run(renderer: Renderer) -> None:
+        if not grad:
+            with torch.no_grad():
+                render(renderer, scene)
+            return
+        scene.zero_grad(set_to_none=True)
+        result = render(renderer, scene)
+        (result["rgb"].sum() + result["opacity"].sum()).backward()
+
+    t_dense, t_sparse = _interleaved_medians([lambda: run(dense), lambda: run(sparse)], warmup, reps)
+    n_rays = len(times) * size * size
+    return {
+        "backward": grad,
+        "occupied_cells": round(float(sparse.occupancy.occupied.float().mean()), 4),
+        "samples_kept": round(n_queried[1] / n_queried[0], 4),
+        "dense_rays_per_s": round(n_rays / t_dense),
+        "grid_rays_per_s": round(n_rays / t_sparse),
+        "speedup": round(t_dense / t_sparse, 2),
+        "max_abs_diff": float((rgbs[0] - rgbs[1]).abs().max()),
+    }
+
+
+def bench_occupancy(cfg: Any, size: int, reps: int, warmup: int = 1) -> dict[str, Any]:
+    """Rays/s with and without the occupancy grid: the demo's toy scene (forward), its field (+ backward)."""
+    from fourdfy.api import build_field
+    from fourdfy.synthetic.scenes import get_scene
+
+    torch.manual_seed(0)
+    field, _ = build_field(cfg.field)
+    n_views = 4
+    return {
+        "n_rays": n_views * size * size,
+        "n_samples_per_ray": cfg.renderer.n_samples,
+        "toy_scene": _occupancy_case(get_scene(cfg.prompt), cfg.renderer, torch.linspace(0.0, 1.0, n_views),
+                                     False, size, reps, warmup),
+        "demo_field_init": _occupancy_case(field, cfg.renderer, torch.zeros(n_views), True, size, reps, warmup),
+    }
+
+
 def bench_iterations(cfg: Any, reps: int) -> dict[str, Any]:
     """Seconds of Trainer.step() per update kind on the CPU demo (synthetic priors)."""
     from fourdfy.api import build_field, build_guidances
@@ -256,6 +332,7 @@ def run(quick: bool) -> dict[str, Any]:
         "encoding": bench_encoding(1 << 10 if quick else 1 << 15, reps, warmup),
         "renderer": bench_renderer(cfg, 8 if quick else 32, reps, warmup),
         "toy_iteration": bench_iterations(cfg, reps),
+        "occupancy": bench_occupancy(cfg, 8 if quick else 32, reps, warmup),
     }
     result["total_s"] = round(time.perf_counter() - start, 1)
     return result

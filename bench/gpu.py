@@ -16,7 +16,9 @@ Printed JSON, per kind ("3d", "img", "vid"):
   the UNet forward passes (CFG batch ×2; IMG: pretrained + LoRA branch), the VAE encoding with its
   backward, and for IMG the LoRA fine-tuning forward + backward; ``floor_parts_s`` lists them;
 - ``overhead_ratio`` = iteration_s / floor_s (1.0 = no overhead beyond the networks);
-- ``peak_memory_gib``: ``torch.cuda.max_memory_allocated`` over that kind's iterations.
+- ``peak_memory_gib``: ``torch.cuda.max_memory_allocated`` over that kind's iterations;
+and at the top level ``field_checkpoint_chunk``: samples per activation-checkpointed chunk of the field
+(``field.checkpoint_chunk``, both presets; the field's activations are recomputed in backward).
 
 Presets: ``paper`` keeps every network on the GPU in fp16 (the authors' half_precision_weights) with the
 full VAE graph; ``lowmem`` offloads each prior's UNet and text encoder to the CPU between calls,
@@ -162,6 +164,13 @@ KINDS = ("3d", "img", "vid")
 KIND_ITERATION = {"3d": 0, "img": 10_000, "vid": 35_000}
 LOWMEM_VAE_GRAD_FRAMES = 4  # lowmem preset: video frames whose VAE encoding keeps its graph (bench's choice)
 HASHGRID_CHUNK_CUDA = 1 << 18  # points per hash-grid chunk on the GPU (bounds temporaries to ~0.5 GB)
+# Samples per activation-checkpointed chunk of the field (field.checkpoint_chunk; both presets). Backward
+# recomputes one chunk at a time, a transient of at most ~1.2 KB per sample (CPU profile of the paper
+# field: 305 MiB peak for one 2^18-sample chunk, table gradients included), so <= ~1.2 GB, in place of the
+# 689 B per sample (22.7 GiB at the VID step's 35.4 M samples) kept without it (bench/field_memory.py).
+# 4 hash-grid chunks per field chunk keep launches amortised; 65536 rays x 48 samples = exactly 3 chunks.
+FIELD_CHECKPOINT_CHUNK_CUDA = 1 << 20
+FIELD_CHECKPOINT_CHUNK_TINY = 1 << 10  # --tiny: small, so that its few thousand samples span several chunks
 
 
 class StubTokenizer:
@@ -302,7 +311,8 @@ def build(preset: str, tiny: bool, device: torch.device) -> BenchSetup:
         "vid": ZeroscopeGuidance(zs_cfg_g, zs_models, device=device, dtype=dtype),
     }
 
-    field_cfg = FieldConfig()  # the paper's grids: 16 levels × 2 features, 2^19 entries, 16 -> 4096
+    # The paper's grids (16 levels × 2 features, 2^19 entries, 16 -> 4096) with activation checkpointing.
+    field_cfg = FieldConfig(checkpoint_chunk=FIELD_CHECKPOINT_CHUNK_TINY if tiny else FIELD_CHECKPOINT_CHUNK_CUDA)
     chunk = HASHGRID_CHUNK_CUDA if device.type == "cuda" else 1 << 13
 
     def grid(n_dims: int) -> HashGridEncoding:
@@ -311,7 +321,8 @@ def build(preset: str, tiny: bool, device: torch.device) -> BenchSetup:
         return HashGridEncoding(n_dims, g.n_levels, g.n_features_per_level, log2, g.base_resolution,
                                 g.per_level_scale, backend=g.backend, chunk_size=chunk)
 
-    field = Field4D(grid(3), grid(4), field_cfg.heads, box_radius=field_cfg.box_radius).to(device)
+    field = Field4D(grid(3), grid(4), field_cfg.heads, box_radius=field_cfg.box_radius,
+                    checkpoint_chunk=field_cfg.checkpoint_chunk).to(device)
     background = BackgroundMLP(field_cfg.background).to(device)
     renderer_cfg = RendererConfig(n_samples=8 if tiny else RendererConfig().n_samples)
     n_params["field"] = _count(field)
@@ -330,6 +341,10 @@ class _DeviceRenderer:
 
     def render(self, field: Any, cameras: Any, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         return self.renderer.render(field, cameras.to(self.device), *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        # Everything else the trainer uses (occupancy grid, state_dict, ...) is the wrapped renderer's.
+        return getattr(self.renderer, name)
 
 
 def floor_parts(kind: str, guidance: Any, device: torch.device) -> dict[str, Callable[[], None]]:
@@ -418,6 +433,7 @@ def run_bench(preset: str, tiny: bool, iters: int, warmup: int, kinds: tuple[str
         "preset": preset, "tiny": tiny, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
         else "cpu", "torch": torch.__version__, "iters": iters, "warmup": warmup,
         "n_samples_per_ray": setup.renderer_cfg.n_samples, "n_params": setup.n_params,
+        "field_checkpoint_chunk": setup.field.checkpoint_chunk,
         "build_s": round(time.perf_counter() - t0, 2), "kinds": {},
     }
     trainer = Trainer(

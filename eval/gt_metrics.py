@@ -9,7 +9,11 @@ scene can be rendered from the same cameras at the same times, both on white, an
   true opacity > 0.5 (a Janus or rotated object has the wrong depth even where its colours look right);
 - motion: the error over time at fixed views. ``motion_rmse_t<t>`` is the plain error per time;
   ``motion_error`` is the RMSE of the *change* since t = 0, (pred(t) − pred(0)) − (gt(t) − gt(0)) over
-  t > 0, so a scene that never moves scores the size of the true motion however good its t = 0 look is.
+  t > 0, so a scene that never moves scores the size of the true motion however good its t = 0 look is;
+- combined: ``gt_error`` = mean of the appearance RMSE (``rgb_rmse``, colour in [0, 1]), the depth error (world
+  units; the scenes fit in the unit sphere) and the motion error — the one number Table 2's toy rows are
+  ranked by. The three are errors of similar size (~0.05–0.15 for a plausible run), so equal weights give
+  each of appearance, 3D structure and motion a like say; see :func:`combined_error`.
 
     python -m eval.gt_metrics RUN_DIR [--default-settings] [--json]
 
@@ -96,6 +100,16 @@ def psnr_from_mse(mse: float) -> float:
     return 10.0 * math.log10(1.0 / max(mse, 1e-12))
 
 
+def combined_error(metrics: dict[str, float]) -> float:
+    """gt_error = (rgb_rmse + depth_error + motion_error) / 3, lower is better.
+
+    rgb_rmse is derived from ``psnr`` (which is computed from the mean squared error over every orbit frame),
+    so cached metrics without it can be combined too.
+    """
+    rgb_rmse = 10.0 ** (-metrics["psnr"] / 20.0)
+    return (rgb_rmse + metrics["depth_error"] + metrics["motion_error"]) / 3.0
+
+
 def ssim(pred: torch.Tensor, target: torch.Tensor) -> float:
     """Mean SSIM over frames. pred, target: [N, H, W, 3] in [0, 1]."""
     a, b = pred.double().numpy(), target.double().numpy()
@@ -114,9 +128,9 @@ def _render_pair(field_: nn.Module, renderer: Renderer, scene_data: ToyDataConfi
 def field_metrics(field_: nn.Module, prompt: str, cfg: GTMetricsConfig, render_radius: float = 1.0) -> dict[str, float]:
     """All ground-truth metrics of ``field_`` against the toy scene of ``prompt`` (see the module docstring).
 
-    Keys: psnr, ssim, depth_error, and per orbit time t: psnr_t<t>, ssim_t<t>, depth_error_t<t>;
-    motion_error, motion_psnr, and per motion time t: motion_rmse_t<t>. render_radius: the scenes'
-    bounding sphere (guidance.synthetic.data.render_radius).
+    Keys: gt_error (combined), rgb_rmse, psnr, ssim, depth_error, and per orbit time t: psnr_t<t>,
+    ssim_t<t>, depth_error_t<t>; motion_error, motion_psnr, and per motion time t: motion_rmse_t<t>.
+    render_radius: the scenes' bounding sphere (guidance.synthetic.data.render_radius).
     """
     cfg.validate()
     get_scene(prompt)  # fail on a non-toy prompt before rendering anything
@@ -155,6 +169,8 @@ def field_metrics(field_: nn.Module, prompt: str, cfg: GTMetricsConfig, render_r
     metrics["motion_psnr"] = psnr_from_mse(float(((p - g) ** 2).mean()))
     change_err = (p[1:] - p[:1]) - (g[1:] - g[:1])
     metrics["motion_error"] = float((change_err**2).mean().sqrt())
+    metrics["rgb_rmse"] = 10.0 ** (-metrics["psnr"] / 20.0)
+    metrics["gt_error"] = combined_error(metrics)
     return metrics
 
 

@@ -35,7 +35,9 @@ from fourdfy.trainer import Callback, Trainer
 
 DONE_FILE = "DONE"
 # Config keys that may change between a run and its resume (they do not change the optimisation).
-_RESUME_SAFE_KEYS = ("logger", "eval", "trainer.progress_bar", "trainer.log_every", "device")
+# Keys a resumed run may change: they do not change what is computed (field.checkpoint_chunk trades memory for
+# time; results agree to float round-off), so lowering it after an out-of-memory error keeps the run.
+_RESUME_SAFE_KEYS = ("logger", "eval", "trainer.progress_bar", "trainer.log_every", "device", "field.checkpoint_chunk")
 
 
 def _hash_grid(cfg: HashGridConfig, n_dims: int) -> HashGridEncoding:
@@ -57,7 +59,8 @@ def build_field(cfg: FieldConfig) -> tuple[Field4D, BackgroundMLP]:
     if cfg.kind not in encodings:
         raise ValueError(f"field.kind must be one of {sorted(encodings)}, got {cfg.kind!r}")
     static, dynamic = encodings[cfg.kind]()
-    return Field4D(static, dynamic, cfg.heads, box_radius=cfg.box_radius), BackgroundMLP(cfg.background)
+    field = Field4D(static, dynamic, cfg.heads, box_radius=cfg.box_radius, checkpoint_chunk=cfg.checkpoint_chunk)
+    return field, BackgroundMLP(cfg.background)
 
 
 def build_guidances(cfg: RunConfig) -> dict[str, Guidance]:
@@ -115,9 +118,6 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path) -> None:
 
 
 def _validate_eval(cfg: RunConfig) -> None:
-    if cfg.renderer.occupancy_grid:
-        raise ValueError("renderer.occupancy_grid=true is not wired into the trainer yet (the grid would never be "
-                         "updated nor checkpointed); leave it false")
     for key in ("orbit_views", "size", "video_frames", "video_size", "grid_views", "grid_times", "fps", "n_samples"):
         if getattr(cfg.eval, key) < 1:
             raise ValueError(f"eval.{key} must be >= 1, got {getattr(cfg.eval, key)}")

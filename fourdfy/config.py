@@ -49,6 +49,14 @@ class FieldConfig:
     heads: HeadsConfig = dc_field(default_factory=HeadsConfig)
     background: BackgroundConfig = dc_field(default_factory=BackgroundConfig)
     box_radius: float = 1.0  # scene box [-1, 1]^3 (authors' geometry.radius: 1.0)
+    checkpoint_chunk: int | None = None  # samples per recomputed-in-backward chunk (keeps only x, t); None = off
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_chunk is not None and self.checkpoint_chunk < 1:
+            raise ValueError(
+                f"field.checkpoint_chunk must be >= 1 (samples per recomputed chunk) or null (off), "
+                f"got {self.checkpoint_chunk}"
+            )
 
 
 @dataclass

@@ -46,6 +46,12 @@ class TrainerConfig:
     keep_checkpoints: int = 3  # newest checkpoints kept on disk
     log_every: int = 10  # iterations between scalar logs
     progress_bar: bool = True  # tqdm bar with stage, update kind, loss, it/s, ETA
+    # Occupancy grid (only with renderer.occupancy_grid=true): all-occupied (dense marching) for the first
+    # occupancy_warmup iterations, then rebuilt before the render of iteration occupancy_warmup, of every
+    # multiple of occupancy_every and of the first iteration of each stage (the times to cover change there).
+    occupancy_every: int = 16  # iterations between grid updates (nerfacc update_every_n_steps n=16, threestudio)
+    occupancy_warmup: int = 256  # iterations before the first update (nerfacc update_every_n_steps warmup_steps)
+    occupancy_times: int = 17  # times probed over [0, 1]: 1/16 apart like the frames (authors' data config) + t=1
 
     def validate(self) -> None:
         if self.n_frames < 1:
@@ -56,6 +62,14 @@ class TrainerConfig:
             raise ValueError(f"trainer.checkpoint_every must be >= 1, got {self.checkpoint_every}")
         if self.keep_checkpoints < 1:
             raise ValueError(f"trainer.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if self.occupancy_every < 1:
+            raise ValueError(f"trainer.occupancy_every must be >= 1 (iterations between grid updates), "
+                             f"got {self.occupancy_every}")
+        if self.occupancy_warmup < 0:
+            raise ValueError(f"trainer.occupancy_warmup must be >= 0, got {self.occupancy_warmup}")
+        if self.occupancy_times < 2:
+            raise ValueError(f"trainer.occupancy_times must be >= 2 (t = 0 and t = 1 at least), "
+                             f"got {self.occupancy_times}")
 
 
 Callback = Callable[["Trainer", int], None]
@@ -140,6 +154,7 @@ class Trainer:
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "skipped_steps": self.skipped_steps,
+            "renderer": self.renderer.state_dict(),  # the occupancy grid ({} without one)
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -152,6 +167,8 @@ class Trainer:
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         self.skipped_steps = state["skipped_steps"]
+        # Checkpoints from before the grid was wired in have no entry; they all come from grid-off runs.
+        self.renderer.load_state_dict(state.get("renderer", {}))
 
     def save(self) -> Path:
         return save_checkpoint(self.checkpoint_dir, self.iteration, self.state_dict(), self.cfg.keep_checkpoints)
@@ -197,6 +214,32 @@ class Trainer:
             return torch.full((n,), self.cfg.static_prior_time)
         return torch.full((n,), t0 + k / frames)
 
+    def _occupancy_times(self, stage: int) -> torch.Tensor:
+        """[T] times the occupancy grid must cover in ``stage``: every time that stage can render at.
+
+        Video steps render t0 + k/F for any t0 in [0, 1/F), i.e. anywhere in [0, 1), and so do 3D/IMG steps
+        without trainer.static_prior_time; the dynamic grid moves the object there in stage 3, and even while
+        it is frozen (stages 1-2) its initial values make the density depend on t a little. Those stages are
+        probed at occupancy_times evenly spaced times; a stage that only renders static_prior_time is probed
+        at that one time. Between probe times, the grid's dilation covers motion of up to a cell.
+        """
+        probs = self.schedule.probabilities(stage)
+        static_time = self.cfg.static_prior_time
+        times = []
+        if probs["vid"] > 0 or static_time is None:
+            times += torch.linspace(0.0, 1.0, self.cfg.occupancy_times).tolist()
+        if static_time is not None and (probs["3d"] > 0 or probs["img"] > 0):
+            times.append(static_time)
+        return torch.tensor(times)
+
+    def _update_occupancy(self, it: int, stage: int) -> None:
+        """Rebuild the renderer's occupancy grid (if it has one) when ``it`` is an update iteration."""
+        if self.renderer.occupancy is None or it < self.cfg.occupancy_warmup:
+            return
+        stage_start = it in (0, *self.schedule.stage_ends)
+        if it % self.cfg.occupancy_every == 0 or it == self.cfg.occupancy_warmup or stage_start:
+            self.renderer.update_occupancy(self.field, self._occupancy_times(stage), device=self.device)
+
     def _background_for_step(self):
         """The background MLP, or (with random_background_prob) one random solid colour for the batch."""
         u = float(torch.rand((), generator=self.generator))
@@ -230,6 +273,8 @@ class Trainer:
             for p in params:  # frozen groups get no gradient at all: AdamW then leaves them untouched
                 p.requires_grad_(trainable[name])
         self.field.blob_std = self.schedule.blob_std(it, self.blob_std_start)
+        # After the blob std: the grid sees the field this iteration renders. Uses no random numbers.
+        self._update_occupancy(it, stage)
 
         # Random draws stay on the CPU generator (exact resume); tensors then go to the field's device.
         if guidance.is_video:

@@ -125,7 +125,7 @@ def test_statuses_means_and_cached_metrics(sweep: Path, tmp_path: Path) -> None:
     full = _row(table, "full")
     assert (full["expected"], full["finished"], full["failed"], full["missing"]) == (2, 2, 0, 0)
     direct = [run_metrics(sweep / "full" / SLUG[p] / "seed0") for p in (BALL, CUBE)]
-    for key in ("psnr", "ssim", "depth_error", "motion_error"):
+    for key in ("psnr", "ssim", "depth_error", "motion_error", "gt_error"):
         assert full[key] == pytest.approx((direct[0][key] + direct[1][key]) / 2, rel=1e-9)
 
     no_3d = _row(table, "no_3d")

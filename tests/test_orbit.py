@@ -182,6 +182,7 @@ def test_the_true_scene_scores_perfectly() -> None:
     assert m["psnr"] == pytest.approx(120.0)  # mse 0 -> the 1e-12 floor
     assert m["ssim"] == pytest.approx(1.0)
     assert m["depth_error"] == 0.0 and m["motion_error"] == 0.0
+    assert m["gt_error"] == pytest.approx(1e-6 / 3)  # rgb RMSE at the 120 dB floor, nothing else
 
 
 def test_a_frozen_scene_has_right_look_at_t0_and_the_motion_error_of_the_true_motion() -> None:
@@ -213,6 +214,11 @@ def test_psnr_ssim_and_depth_of_a_wrong_scene_match_a_hand_computation() -> None
     assert m["psnr"] == pytest.approx(10 * math.log10(1 / np.mean(sq)), rel=1e-5)
     assert m["ssim"] == pytest.approx(np.mean(ssims), rel=1e-6)
     assert m["depth_error"] == pytest.approx(float(torch.cat(depth).mean()), rel=1e-5)
+    # The combined error: the plain mean of appearance RMSE, depth error and motion error.
+    rgb_rmse = math.sqrt(np.mean(sq))
+    assert m["rgb_rmse"] == pytest.approx(rgb_rmse, rel=1e-5)
+    assert m["gt_error"] == pytest.approx((rgb_rmse + float(torch.cat(depth).mean()) + m["motion_error"]) / 3,
+                                          rel=1e-5)
     assert m["psnr"] < 25.0
 
 

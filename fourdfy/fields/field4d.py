@@ -6,6 +6,11 @@ rgb = sigmoid(color_head(f))            (no view dependence, no shading)
 
 The two encodings are injected, so the same class is the hash-grid field of the paper and the
 HexPlane field of the Table-2 ablation; the optimiser sees the roles through :meth:`param_groups`.
+
+Activation checkpointing (``checkpoint_chunk``): under autograd the field is evaluated in chunks of
+samples, each under ``torch.utils.checkpoint``, so only each chunk's inputs (x, t) are kept for backward
+and the chunk's forward is recomputed there. See :meth:`Field4D.forward` for why the whole forward is
+checkpointed rather than only the heads.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -44,6 +50,8 @@ class Field4D(nn.Module):
         dynamic_encoding: module mapping [N,4] in [0,1] (x, y, z, t) to [N,C] (same C).
         heads: MLP and density-bias settings.
         box_radius: half-size of the scene box [-r, r]^3; points outside have zero density.
+        checkpoint_chunk: samples per activation-checkpointed chunk when a graph is recorded; None
+            evaluates in one piece and keeps every activation for backward (the default).
     """
 
     def __init__(
@@ -52,8 +60,16 @@ class Field4D(nn.Module):
         dynamic_encoding: nn.Module,
         heads: HeadsConfig | None = None,
         box_radius: float = 1.0,
+        checkpoint_chunk: int | None = None,
     ):
         super().__init__()
+        if checkpoint_chunk is not None and (
+            isinstance(checkpoint_chunk, bool) or not isinstance(checkpoint_chunk, int) or checkpoint_chunk < 1
+        ):
+            raise ValueError(
+                "checkpoint_chunk must be a positive int (samples recomputed together in backward) or None "
+                f"(no activation checkpointing), got {checkpoint_chunk!r}"
+            )
         heads = heads or HeadsConfig()
         n_features = static_encoding.n_output_dims
         if dynamic_encoding.n_output_dims != n_features:
@@ -70,13 +86,11 @@ class Field4D(nn.Module):
         # because it is a function of the iteration and so restored by resuming the iteration.
         self.blob_std = heads.blob_std
         self.box_radius = box_radius
+        self.checkpoint_chunk = checkpoint_chunk
 
     def features(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [N,3] world, t: [N] -> (features [N,C], inside-box mask [N])."""
-        if x.ndim != 2 or x.shape[-1] != 3:
-            raise ValueError(f"x must have shape [N, 3], got {tuple(x.shape)}")
-        if t.shape != x.shape[:1]:
-            raise ValueError(f"t must have shape [N] = [{x.shape[0]}], got {tuple(t.shape)}")
+        _check_inputs(x, t)
         unit = (x / self.box_radius + 1.0) * 0.5
         inside = ((unit >= 0) & (unit <= 1)).all(dim=-1)
         # Samples outside the box are evaluated at the box surface and then masked to zero density:
@@ -87,12 +101,62 @@ class Field4D(nn.Module):
         return f_static + f_dynamic, inside
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features, inside = self.features(x, t)
+        """x: [N,3] world, t: [N] in [0,1] -> (density [N] >= 0, rgb [N,3] in [0,1]).
+
+        With ``checkpoint_chunk`` set and a graph being recorded, the samples are evaluated in chunks of
+        that many, each under non-reentrant ``torch.utils.checkpoint``: a chunk keeps only its (x, t) for
+        backward, and its forward is recomputed when backward reaches it. Outputs and gradients equal the
+        unchunked ones bitwise when N <= chunk, else to float32 round-off (CPU kernels block by row count,
+        and parameter gradients are summed chunk by chunk).
+
+        Why the whole forward and not only the heads: the hash grid's autograd Function already saves
+        only its input, yet without checkpointing a sample keeps 689 B for backward (measured, paper-size
+        field), almost all the summed features [32] and the two heads' hidden layers [2 x 64]: 22.7 GiB at
+        the 35.4 M samples of a paper VID step. Checkpointing only the heads still keeps the features and
+        both grids' inputs, 185 B (6.1 GiB); checkpointing everything keeps the outputs and the chunks'
+        (x, t), 32 B (1.05 GiB). For a ≤ 24 GB video step those 5 GiB matter more than the price, one more
+        encoding forward per backward (the grids' random gathers): 1.34x the field's forward + backward
+        time on CPU, vs ~1.0x for heads only (``python -m bench.field_memory``, 2^17 samples, chunk 2^15).
+        Under no_grad / inference mode, or with nothing requiring grad, there is nothing to keep, so the
+        plain forward runs without chunks or checkpoint overhead.
+        """
+        _check_inputs(x, t)
+        # Bound now, not read again in backward: the schedule may set blob_std before the recomputation.
+        blob_std = self.blob_std
+        chunk = self.checkpoint_chunk
+        if chunk is None or x.shape[0] == 0 or not self._records_graph(x, t):
+            return self._evaluate(x, t, blob_std)
+        pieces = [
+            # preserve_rng_state=False: the field draws no random numbers, so stashing and restoring the
+            # CPU/CUDA generators per chunk would be pure overhead.
+            checkpoint(self._evaluate, x[start : start + chunk], t[start : start + chunk], blob_std,
+                       use_reentrant=False, preserve_rng_state=False)
+            for start in range(0, x.shape[0], chunk)
+        ]
+        if len(pieces) == 1:
+            return pieces[0]
+        return torch.cat([d for d, _ in pieces]), torch.cat([c for _, c in pieces])
+
+    def heads(
+        self, features: torch.Tensor, x: torch.Tensor, inside: torch.Tensor, blob_std: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """features: [N,C], x: [N,3] world, inside: [N] bool -> (density [N], rgb [N,3])."""
         raw = self.density_head(features).squeeze(-1)
-        bias = self.blob_density * (1.0 - x.norm(dim=-1) / self.blob_std)
+        bias = self.blob_density * (1.0 - x.norm(dim=-1) / blob_std)
         density = F.softplus(raw + bias) * inside
         rgb = torch.sigmoid(self.color_head(features))
         return density, rgb
+
+    def _evaluate(self, x: torch.Tensor, t: torch.Tensor, blob_std: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The field on x: [N,3], t: [N] in one piece (the unit that is checkpointed)."""
+        features, inside = self.features(x, t)
+        return self.heads(features, x, inside, blob_std)
+
+    def _records_graph(self, x: torch.Tensor, t: torch.Tensor) -> bool:
+        """True when this call builds an autograd graph, i.e. when activations would be kept."""
+        if not torch.is_grad_enabled():
+            return False
+        return x.requires_grad or t.requires_grad or any(p.requires_grad for p in self.parameters())
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by role: the hybrid schedule trains "dynamic" only on video steps."""
@@ -101,3 +165,10 @@ class Field4D(nn.Module):
             "dynamic": list(self.dynamic_encoding.parameters()),
             "heads": list(self.density_head.parameters()) + list(self.color_head.parameters()),
         }
+
+
+def _check_inputs(x: torch.Tensor, t: torch.Tensor) -> None:
+    if x.ndim != 2 or x.shape[-1] != 3:
+        raise ValueError(f"x must have shape [N, 3], got {tuple(x.shape)}")
+    if t.shape != x.shape[:1]:
+        raise ValueError(f"t must have shape [N] = [{x.shape[0]}], got {tuple(t.shape)}")

@@ -38,22 +38,26 @@ class RendererConfig:
     # Stratified jitter of each sample inside its bin in training (authors: nerfacc stratified=True in
     # training); evaluation samples sit at the bin starts, which makes Σδ exactly far − near.
     stratified: bool = True
-    # Rays per field call; bounds the transient memory of a call. Under autograd the activations of all
-    # chunks are kept for backward anyway, so this mainly helps no-grad (evaluation) renders. None: one call.
+    # Rays per field call; bounds the transient memory of a call. Under autograd the field's activations of
+    # all chunks are kept for backward unless field.checkpoint_chunk recomputes them, so this mainly helps
+    # no-grad (evaluation) renders. None: one call.
     chunk_rays: int | None = 65536
     # Background used when render(background=None): white if True, black otherwise.
     white_background: bool = False
     # Also return per-sample weights [B, H, W, n_samples] and sample distances t [B, H, W, n_samples].
     return_weights: bool = False
     # Skip the field where an occupancy grid says space is empty (authors: nerfacc OccGridEstimator). Off
-    # by default; while on, Renderer.update_occupancy(field, times) must be called to (re)build the grid
-    # (before the first update every cell counts as occupied, i.e. the dense path).
+    # by default; while on, Renderer.update_occupancy(field, times) (re)builds the grid — the Trainer does
+    # it on the trainer.occupancy_* schedule (before the first update every cell counts as occupied).
     occupancy_grid: bool = False
     # Cells per side of the occupancy grid over the cube [-radius, radius]^3 (authors: occ_grid_res: 32).
     occupancy_resolution: int = 32
     # A cell is occupied if density·step > this at any probed point and time (authors' occ_eval_fn returns
-    # density·render_step_size, nerfacc's default occ_thre 0.01). Only 0 is conservative (keeps every cell
-    # with any density); 0.01 drops faint density, changing the image slightly, as the authors' grid does.
+    # density·render_step_size, nerfacc's default occ_thre 0.01); as in nerfacc the threshold is lowered to
+    # the mean of the positive values when that is smaller, so a faint field keeps its densest cells. Only 0
+    # is conservative (keeps every cell with any density); 0.01 drops faint density, changing the image
+    # slightly (each skipped sample has optical depth <= 0.01 where the centre value is representative), as
+    # the authors' grid does.
     occupancy_threshold: float = 0.01
     # Cells added around occupied ones (a dilation): the grid probes only cell centres, so content in a
     # cell whose centre is empty is caught through its occupied neighbour.
@@ -133,13 +137,30 @@ class OccupancyGrid:
 
     @torch.no_grad()
     def update(self, field: Field, times: torch.Tensor, threshold: float, step: float, dilation: int) -> None:
-        """Rebuild from the field's density at the cell centres at every time in times [T]: a cell is
-        occupied if density·step > threshold at any of those times, then grown by `dilation` cells."""
+        """Rebuild from the field's density at the cell centres at every time in times [T].
+
+        occ = max over times of density·step per cell; a cell is occupied if occ > min(threshold, mean of
+        the positive occ) (nerfacc OccGridEstimator._update's threshold), then the grid is grown by
+        `dilation` cells. A field with no cell above that (an empty field) gives an all-occupied grid: an
+        empty grid would skip every sample, so the field would get no gradient and could never re-grow.
+
+        Unlike nerfacc there is no EMA of occ and no random point per cell, on purpose. nerfacc needs the
+        EMA (decay 0.95) because after its warm-up each update re-probes only a random quarter of the cells,
+        at one random point each, and the authors' 4D code at one random time: the EMA remembers what the
+        other probes saw. Here every update probes every cell at every time the grid must cover, so the
+        result is a function of the field alone (no RNG, no history: exact resume needs only this grid),
+        cells that fill up again are re-occupied at the next update, and the dilation stands in for the
+        random in-cell points (content off a cell's centre is caught through its occupied neighbour).
+        """
         centres = self.cell_centres().reshape(-1, 3)
-        occupied = torch.zeros(centres.shape[0], dtype=torch.bool, device=centres.device)
+        occ = torch.zeros(centres.shape[0], device=centres.device)
         for time in torch.as_tensor(times).reshape(-1).tolist():  # a handful of times, each one vectorised
             density, _ = field(centres, torch.full((centres.shape[0],), time, device=centres.device))
-            occupied |= density.reshape(-1) * step > threshold
+            occ = torch.maximum(occ, density.reshape(-1).float() * step)
+        positive = occ[occ > 0]
+        occupied = occ > min(threshold, float(positive.mean())) if positive.numel() > 0 else occ > 0
+        if not bool(occupied.any()):
+            occupied = torch.ones_like(occupied)
         grid = occupied.reshape(1, 1, *self.occupied.shape).float()
         if dilation > 0:
             grid = torch.nn.functional.max_pool3d(

@@ -97,6 +97,10 @@ class ToyDataConfig:
     fovy_deg: float = 40.0  # data camera field of view; training cameras must use the same
     n_samples: int = 96  # samples per ray for the ground-truth renders
     render_radius: float = 1.0  # bounding-sphere radius of the toy scenes
+    # Scene times the 3D and image priors' data show. [0.0]: a still of the first frame (render their steps
+    # at t = 0, trainer.static_prior_time); several times: any frame of the motion is a plausible image, as
+    # for the real SD/MVDream, which know nothing of time (their steps may then render any frame time).
+    image_times: list[float] = field(default_factory=lambda: [0.0])
 
 
 @dataclass
@@ -245,9 +249,14 @@ class ImageBank:
 
 
 def build_image_banks(size: int, cfg: ToyDataConfig, blur_sigmas: list[float]) -> list[ImageBank]:
-    """Render every scene once at t = 0 and return one bank per blur level."""
-    cams = _ring_cameras(cfg.elevations_deg, cfg.azimuth_step_deg, cfg)
-    times = torch.zeros(len(cams))
+    """Render every scene once from every ring camera at every cfg.image_times and return one bank per blur
+    level (entries camera-major within each time: index = time_index · n_cameras + camera_index)."""
+    if not cfg.image_times or any(not 0.0 <= t <= 1.0 for t in cfg.image_times):
+        raise ValueError(f"guidance.synthetic.data.image_times must be a non-empty list of times in [0, 1], "
+                         f"got {cfg.image_times}")
+    ring = _ring_cameras(cfg.elevations_deg, cfg.azimuth_step_deg, cfg)
+    cams = Cameras.cat([ring] * len(cfg.image_times))
+    times = torch.tensor(cfg.image_times, dtype=torch.float32).repeat_interleave(len(ring))
     sharp = _cached("images", {"size": size, "data": asdict(cfg)},
                     lambda: {s.prompt: render_scene(s, cams, times, size, cfg)["rgb"] for s in SCENES})
     dirs = camera_directions(cams)
@@ -398,7 +407,10 @@ class ToyVideoPrior(_ClosedFormPrior):
             starts.append(torch.full((len(cams),), t0))
         self.clip_dirs = torch.cat(dirs)  # [M, 3]
         self.clip_starts = torch.cat(starts)  # [M]
-        key = {"video": asdict(cfg), "data": asdict(data_cfg)}
+        # Only what changes the rendered clips: a sweep over kernels, timesteps or λ reuses the cache.
+        rendering = ("size", "n_frames", "blur_sigma_px", "color_gain", "clip_azimuth_step_deg",
+                     "clip_elevations_deg", "clip_starts")
+        key = {"video": {k: getattr(cfg, k) for k in rendering}, "data": asdict(data_cfg)}
         self.clips = _cached("clips", key, lambda: self._render_clips(cams, data_cfg))
         # The unconditional branch's clips and their conditions, concatenated once.
         self.all_clips = torch.cat(list(self.clips.values()))
