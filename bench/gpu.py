@@ -1,6 +1,6 @@
 """Full-size GPU benchmark: seconds per iteration of each update kind, peak memory, and the networks' floor.
 
-    python -m bench.gpu --preset paper|lowmem [--iters 3] [--warmup 1] [--out FILE]
+    python -m bench.gpu --preset paper|lowmem [--iters 3] [--warmup 1] [--no-occupancy] [--n-samples N] [--out FILE]
     python -m bench.gpu --tiny                # the same code path on tiny models (CPU works), for tests
 
 Builds every network of the paper's three priors at full size with random weights — the compute cost does
@@ -8,6 +8,12 @@ not depend on the weight values — from the published configs written below (MV
 SD 2.1-base and SD 2.1 (768-v) UNets, Zeroscope v2 576w's UNet3D, their VAEs and CLIP text encoders),
 wraps them in the real guidance classes (`MVDreamGuidance`, `SDVSDGuidance`, `ZeroscopeGuidance`), builds
 the paper-size hash-grid field, and runs `Trainer.step()` with the update kind forced, per kind.
+
+Rendering skips empty space with the occupancy grid as conf/preset/paper.yaml trains (56³ cells over the
+marching sphere's cube, threshold 0.01). The trainer keeps every cell occupied for its first 256 iterations,
+longer than any bench, so the grid is built once before timing from the random-weight field, whose density
+blob b(x) = 10·(1 − ‖x‖/0.5) makes an object-sized occupancy; the timed iterations are no grid-update
+iterations, and one update is timed apart. ``--no-occupancy`` times dense marching (every sample queried).
 
 Printed JSON, per kind ("3d", "img", "vid"):
 - ``iteration_s``: median seconds of one full training iteration (render, guidance, backward, AdamW, and
@@ -17,8 +23,12 @@ Printed JSON, per kind ("3d", "img", "vid"):
   backward, and for IMG the LoRA fine-tuning forward + backward; ``floor_parts_s`` lists them;
 - ``overhead_ratio`` = iteration_s / floor_s (1.0 = no overhead beyond the networks);
 - ``peak_memory_gib``: ``torch.cuda.max_memory_allocated`` over that kind's iterations;
+- ``samples_kept``: the fraction of the renders' samples that reach the field (in occupied cells) over
+  that kind's iterations, warm-up included (1.0 with ``--no-occupancy``);
 and at the top level ``field_checkpoint_chunk``: samples per activation-checkpointed chunk of the field
-(``field.checkpoint_chunk``, both presets; the field's activations are recomputed in backward).
+(``field.checkpoint_chunk``, both presets; the field's activations are recomputed in backward), and
+``occupancy``: the grid's settings, ``occupied_cells`` (fraction of cells occupied) and ``update_s`` (one
+rebuild; the trainer rebuilds every ``occupancy_every`` = 16 iterations), or ``{"grid": false}``.
 
 Presets: ``paper`` keeps every network on the GPU in fp16 (the authors' half_precision_weights) with the
 full VAE graph; ``lowmem`` offloads each prior's UNet and text encoder to the CPU between calls,
@@ -161,7 +171,9 @@ PROMPT = "a panda dancing"  # any prompt: the cost does not depend on it (77 tok
 KINDS = ("3d", "img", "vid")
 # An iteration of each kind's stage, so the schedule's learning rates and regularisers are those of
 # the stage where the kind occurs (stage 1: 3D; stage 2: IMG; stage 3: VID), with the paper's lengths.
-KIND_ITERATION = {"3d": 0, "img": 10_000, "vid": 35_000}
+# Each is the iteration after a stage start: neither a stage start nor a multiple of occupancy_every (16),
+# so the trainer does not rebuild the occupancy grid inside the timed step (the rebuild is timed apart).
+KIND_ITERATION = {"3d": 1, "img": 10_001, "vid": 35_001}
 LOWMEM_VAE_GRAD_FRAMES = 4  # lowmem preset: video frames whose VAE encoding keeps its graph (bench's choice)
 HASHGRID_CHUNK_CUDA = 1 << 18  # points per hash-grid chunk on the GPU (bounds temporaries to ~0.5 GB)
 # Samples per activation-checkpointed chunk of the field (field.checkpoint_chunk; both presets). Backward
@@ -171,6 +183,12 @@ HASHGRID_CHUNK_CUDA = 1 << 18  # points per hash-grid chunk on the GPU (bounds t
 # 4 hash-grid chunks per field chunk keep launches amortised; 65536 rays x 48 samples = exactly 3 chunks.
 FIELD_CHECKPOINT_CHUNK_CUDA = 1 << 20
 FIELD_CHECKPOINT_CHUNK_TINY = 1 << 10  # --tiny: small, so that its few thousand samples span several chunks
+# Occupancy grid cells per side as conf/preset/paper.yaml trains (renderer.occupancy_resolution: 56 ≈ 32·√3,
+# the authors' 32 cells over [-1, 1]³ at the same cell size); radius √3 and threshold 0.01 are
+# RendererConfig's defaults, which that preset keeps.
+OCCUPANCY_RESOLUTION_PAPER = 56
+# --tiny: 16³ cells × 17 times = 70 k field queries per build, not 3 M (seconds on one CPU core, not a minute).
+OCCUPANCY_RESOLUTION_TINY = 16
 
 
 class StubTokenizer:
@@ -209,7 +227,7 @@ class BenchSetup:
     guidances: dict[str, Any]  # update kind -> constructed guidance object
     field: Any  # Field4D
     background: Any  # BackgroundMLP
-    renderer_cfg: Any  # RendererConfig
+    renderer_cfg: Any  # RendererConfig (occupancy_grid on unless --no-occupancy)
     n_params: dict[str, int]  # network name -> parameter count
 
 
@@ -236,8 +254,13 @@ def _timed(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int)
     return times
 
 
-def build(preset: str, tiny: bool, device: torch.device) -> BenchSetup:
-    """Random-weight full-size (or tiny) networks, the three guidance objects and the field."""
+def build(preset: str, tiny: bool, device: torch.device, occupancy: bool = True,
+          n_samples: int | None = None) -> BenchSetup:
+    """Random-weight full-size (or tiny) networks, the three guidance objects and the field.
+
+    occupancy: render with the paper preset's occupancy grid (else dense marching); n_samples: samples per
+    ray (None: RendererConfig's default; 8 with tiny).
+    """
     from diffusers import AutoencoderKL, UNet2DConditionModel, UNet3DConditionModel
     from diffusers.utils import logging as diffusers_logging
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -324,23 +347,37 @@ def build(preset: str, tiny: bool, device: torch.device) -> BenchSetup:
     field = Field4D(grid(3), grid(4), field_cfg.heads, box_radius=field_cfg.box_radius,
                     checkpoint_chunk=field_cfg.checkpoint_chunk).to(device)
     background = BackgroundMLP(field_cfg.background).to(device)
-    renderer_cfg = RendererConfig(n_samples=8 if tiny else RendererConfig().n_samples)
+    if n_samples is None:
+        n_samples = 8 if tiny else RendererConfig().n_samples
+    renderer_cfg = RendererConfig(
+        n_samples=n_samples, occupancy_grid=occupancy,
+        occupancy_resolution=OCCUPANCY_RESOLUTION_TINY if tiny else OCCUPANCY_RESOLUTION_PAPER,
+    )
     n_params["field"] = _count(field)
     return BenchSetup(guidances, field, background, renderer_cfg, n_params)
 
 
 class _DeviceRenderer:
-    """The renderer with the sampled cameras moved to the field's device.
+    """The renderer with the sampled cameras moved to the field's device, counting the samples queried.
 
     The trainer samples cameras on the CPU (its generator's device) and the renderer renders where the
-    cameras are; this is the one hook the bench needs to run `Trainer.step()` on a GPU.
+    cameras are; this is the one hook the bench needs to run `Trainer.step()` on a GPU. It also counts the
+    samples marched (rays × n_samples) and those passed to the field (the rest fell in empty cells).
     """
 
     def __init__(self, renderer: Any, device: torch.device) -> None:
         self.renderer, self.device = renderer, device
+        self.samples_marched = 0
+        self.samples_queried = 0
 
-    def render(self, field: Any, cameras: Any, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        return self.renderer.render(field, cameras.to(self.device), *args, **kwargs)
+    def render(self, field: Any, cameras: Any, times: torch.Tensor, height: int, width: int,
+               **kwargs: Any) -> dict[str, torch.Tensor]:
+        def counting(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            self.samples_queried += x.shape[0]  # x: [N, 3] of the samples in occupied cells
+            return field(x, t)
+
+        self.samples_marched += len(cameras) * height * width * self.renderer.cfg.n_samples
+        return self.renderer.render(counting, cameras.to(self.device), times, height, width, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         # Everything else the trainer uses (occupancy grid, state_dict, ...) is the wrapped renderer's.
@@ -418,8 +455,33 @@ def floor_parts(kind: str, guidance: Any, device: torch.device) -> dict[str, Cal
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
 
-def run_bench(preset: str, tiny: bool, iters: int, warmup: int, kinds: tuple[str, ...]) -> dict[str, Any]:
-    """Build everything, time each kind's iteration and floor; the JSON-ready result."""
+def build_occupancy(renderer: Any, field: Any, device: torch.device, iters: int) -> dict[str, Any]:
+    """Build the renderer's occupancy grid from the field (as the trainer's first update would) and time a
+    rebuild; the JSON entry. The grid covers the 17 times the trainer probes (TrainerConfig.occupancy_times:
+    frame times 1/16 apart and t = 1)."""
+    from fourdfy.trainer import TrainerConfig
+
+    cfg = renderer.cfg
+    times = torch.linspace(0.0, 1.0, TrainerConfig().occupancy_times)
+
+    def update() -> None:
+        renderer.update_occupancy(field, times, device=device)
+    update_s = statistics.median(_timed(update, device, 1, iters))  # the warm-up call builds the grid
+    return {
+        "grid": True, "resolution": cfg.occupancy_resolution, "radius": round(cfg.radius, 6),
+        "threshold": cfg.occupancy_threshold, "dilation": cfg.occupancy_dilation, "times": len(times),
+        "occupied_cells": round(float(renderer.occupancy.occupied.float().mean()), 4),
+        "update_s": round(update_s, 4),
+    }
+
+
+def run_bench(preset: str, tiny: bool, iters: int, warmup: int, kinds: tuple[str, ...],
+              occupancy: bool = True, n_samples: int | None = None) -> dict[str, Any]:
+    """Build everything, time each kind's iteration and floor; the JSON-ready result.
+
+    occupancy: march with the occupancy grid (built once, before timing), else densely; n_samples: samples
+    per ray (None: RendererConfig's default).
+    """
     from fourdfy.hybrid import HybridSchedule, ScheduleConfig
     from fourdfy.render.cameras import CameraSamplingConfig
     from fourdfy.render.volume import Renderer
@@ -427,7 +489,7 @@ def run_bench(preset: str, tiny: bool, iters: int, warmup: int, kinds: tuple[str
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
-    setup = build(preset, tiny, device)
+    setup = build(preset, tiny, device, occupancy, n_samples)
     _sync(device)
     result: dict[str, Any] = {
         "preset": preset, "tiny": tiny, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -436,10 +498,13 @@ def run_bench(preset: str, tiny: bool, iters: int, warmup: int, kinds: tuple[str
         "field_checkpoint_chunk": setup.field.checkpoint_chunk,
         "build_s": round(time.perf_counter() - t0, 2), "kinds": {},
     }
+    renderer = _DeviceRenderer(Renderer(setup.renderer_cfg), device)
+    result["occupancy"] = (build_occupancy(renderer.renderer, setup.field, device, iters) if occupancy
+                           else {"grid": False})
+    grid_before = renderer.renderer.occupancy.occupied if occupancy else None
     trainer = Trainer(
         TrainerConfig(n_frames=setup.guidances["vid"].n_frames, progress_bar=False),
-        setup.field, setup.background,
-        _DeviceRenderer(Renderer(setup.renderer_cfg), device),  # type: ignore[arg-type]
+        setup.field, setup.background, renderer,  # type: ignore[arg-type]
         setup.guidances, HybridSchedule(ScheduleConfig()), CameraSamplingConfig(), PROMPT,
         tempfile.mkdtemp(prefix="fourdfy-bench-"), seed=0,
     )
@@ -456,7 +521,12 @@ def run_bench(preset: str, tiny: bool, iters: int, warmup: int, kinds: tuple[str
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
             skipped_before = trainer.skipped_steps
+            renderer.samples_marched = renderer.samples_queried = 0
             times = _timed(step, device, warmup, iters)
+            if occupancy and renderer.renderer.occupancy.occupied is not grid_before:
+                raise RuntimeError(f"the trainer rebuilt the occupancy grid at iteration {KIND_ITERATION[kind]}:"
+                                   " KIND_ITERATION must hold iterations without a grid update")
+            entry["samples_kept"] = round(renderer.samples_queried / renderer.samples_marched, 4)
             entry["iteration_s"] = statistics.median(times)
             entry["iteration_all_s"] = [round(x, 4) for x in times]
             entry["skipped_steps"] = trainer.skipped_steps - skipped_before  # non-finite random-weight losses
@@ -494,6 +564,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=3, help="timed iterations per kind (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations per kind first")
     parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated update kinds to time")
+    parser.add_argument("--no-occupancy", action="store_true",
+                        help="march densely (every sample queried) instead of with the paper preset's grid")
+    parser.add_argument("--n-samples", type=int, default=None,
+                        help="samples per ray (default: RendererConfig's 48; conf/preset/paper.yaml trains 128)")
     parser.add_argument("--out", default=None, help="also write the JSON to this file")
     args = parser.parse_args(argv)
     kinds = tuple(k for k in args.kinds.split(",") if k)
@@ -501,12 +575,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--kinds must be a comma-separated subset of {','.join(KINDS)}, got {args.kinds!r}")
     if args.iters < 1 or args.warmup < 0:
         parser.error(f"--iters must be >= 1 and --warmup >= 0, got {args.iters} and {args.warmup}")
+    if args.n_samples is not None and args.n_samples < 1:
+        parser.error(f"--n-samples must be >= 1 (samples per ray), got {args.n_samples}")
     if not args.tiny and not torch.cuda.is_available():
         print("bench.gpu: no CUDA GPU is available (torch.cuda.is_available() is False); run it on a "
               "machine with a CUDA GPU, or add --tiny to check the logic on tiny models on the CPU.",
               file=sys.stderr)
         return EXIT_NO_CUDA
-    result = run_bench(args.preset, args.tiny, args.iters, args.warmup, kinds)
+    result = run_bench(args.preset, args.tiny, args.iters, args.warmup, kinds, not args.no_occupancy,
+                       args.n_samples)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

@@ -1,5 +1,6 @@
 """The benchmarks' instruments: the naive hash-grid reference agrees with the encoding, bench.cpu --quick
-prints the documented JSON, and bench.gpu refuses a machine without CUDA with a clear message."""
+prints the documented JSON, bench.gpu --tiny runs every kind with the occupancy grid and reports what it
+skipped, and bench.gpu refuses a machine without CUDA with a clear message."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import torch
 
 from bench.cpu import main as cpu_main
 from bench.cpu import naive_hashgrid
+from bench.gpu import FIELD_CHECKPOINT_CHUNK_TINY, OCCUPANCY_RESOLUTION_TINY
+from bench.gpu import main as gpu_main
 from fourdfy.fields.hashgrid import HashGridEncoding
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +58,7 @@ def test_naive_reference_matches_the_encoding(
 def test_cpu_bench_quick_prints_json_with_the_expected_keys(capsys: pytest.CaptureFixture[str]) -> None:
     assert cpu_main(["--quick"]) == 0  # in-process: the subprocess would pay the imports again
     result = json.loads(capsys.readouterr().out)
-    assert set(result) >= {"machine", "encoding", "renderer", "toy_iteration"}
+    assert set(result) >= {"machine", "encoding", "renderer", "toy_iteration", "occupancy"}
     for grid in ("3d", "4d"):
         entry = result["encoding"][grid]
         assert entry["ours_points_per_s"] > 0 and entry["naive_points_per_s"] > 0
@@ -66,6 +69,36 @@ def test_cpu_bench_quick_prints_json_with_the_expected_keys(capsys: pytest.Captu
     assert renderer["rays_per_s"] > 0 and renderer["n_samples_per_ray"] == 32  # the demo preset's
     assert set(result["toy_iteration"]["seconds"]) == {"3d", "img", "vid"}
     assert result["toy_iteration"]["over_3d"]["3d"] == 1.0
+    occupancy = result["occupancy"]
+    assert occupancy["n_rays"] == 4 * 8 * 8 and occupancy["n_samples_per_ray"] == 32  # 4 views of 8² (quick)
+    for case, backward in (("toy_scene", False), ("demo_field_init", True)):
+        entry = occupancy[case]
+        assert entry["backward"] is backward
+        # Both scenes are mostly empty space (a ball on a box; a blob of radius ~0.5 in the √3 sphere):
+        # the grid must skip some samples and keep some.
+        assert 0.0 < entry["samples_kept"] < 1.0 and 0.0 < entry["occupied_cells"] < 1.0
+        # speedup = t_dense / t_grid, and each rate is n_rays over its time (rounded to whole rays/s)
+        ratio = entry["grid_rays_per_s"] / entry["dense_rays_per_s"]
+        assert entry["speedup"] == pytest.approx(ratio, rel=0.02)
+        assert 0.0 <= entry["max_abs_diff"] < float("inf")
+
+
+def test_gpu_bench_tiny_runs_every_kind_with_the_occupancy_grid(capsys: pytest.CaptureFixture[str]) -> None:
+    """The CPU smoke test of bench.gpu: every kind runs, with the grid built before timing."""
+    assert gpu_main(["--tiny", "--iters", "1", "--warmup", "0"]) == 0  # in-process: saves the imports
+    result = json.loads(capsys.readouterr().out)
+    assert result["field_checkpoint_chunk"] == FIELD_CHECKPOINT_CHUNK_TINY
+    grid = result["occupancy"]
+    assert grid["grid"] is True and grid["resolution"] == OCCUPANCY_RESOLUTION_TINY
+    assert grid["radius"] == pytest.approx(3**0.5, abs=1e-6) and grid["threshold"] == 0.01  # paper preset
+    # The random-weight field's density blob (radius ~0.5) fills a small part of the cube [-√3, √3]³.
+    assert 0.0 < grid["occupied_cells"] < 0.5 and grid["update_s"] > 0
+    assert set(result["kinds"]) == {"3d", "img", "vid"}
+    for kind, entry in result["kinds"].items():
+        assert "error" not in entry, (kind, entry)
+        # Cameras look at the blob, so some samples reach the field; most of each ray is empty space.
+        assert 0.0 < entry["samples_kept"] < 1.0, (kind, entry["samples_kept"])
+        assert entry["iteration_s"] > 0 and entry["floor_s"] > 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
