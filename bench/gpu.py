@@ -171,9 +171,10 @@ PROMPT = "a panda dancing"  # any prompt: the cost does not depend on it (77 tok
 KINDS = ("3d", "img", "vid")
 # An iteration of each kind's stage, so the schedule's learning rates and regularisers are those of
 # the stage where the kind occurs (stage 1: 3D; stage 2: IMG; stage 3: VID), with the paper's lengths.
-# Each is the iteration after a stage start: neither a stage start nor a multiple of occupancy_every (16),
-# so the trainer does not rebuild the occupancy grid inside the timed step (the rebuild is timed apart).
-KIND_ITERATION = {"3d": 1, "img": 10_001, "vid": 35_001}
+# Neither a stage start nor a multiple of occupancy_every (16), so the trainer does not rebuild the
+# occupancy grid inside the timed step (the rebuild is timed apart). 3D: after MVDream's switch from 64² to
+# 256² renders at step 5000 (render_size_milestones), the size of the other 95% of its steps.
+KIND_ITERATION = {"3d": 5_001, "img": 10_001, "vid": 35_001}
 LOWMEM_VAE_GRAD_FRAMES = 4  # lowmem preset: video frames whose VAE encoding keeps its graph (bench's choice)
 HASHGRID_CHUNK_CUDA = 1 << 18  # points per hash-grid chunk on the GPU (bounds temporaries to ~0.5 GB)
 # Samples per activation-checkpointed chunk of the field (field.checkpoint_chunk; both presets). Backward
@@ -323,7 +324,7 @@ def build(preset: str, tiny: bool, device: torch.device, occupancy: bool = True,
     sd_cfg_g = SDVSDConfig(**memory)
     zs_cfg_g = ZeroscopeConfig(vae_grad_frames=LOWMEM_VAE_GRAD_FRAMES if lowmem else None, **memory)
     if tiny:  # tiny render sizes (latents 4×4, 8×8, 4 frames of 4×6), as tests/tiny_models.py
-        mv_cfg_g.image_size, mv_cfg_g.render_sizes = 32, (32,)
+        mv_cfg_g.image_size, mv_cfg_g.render_sizes, mv_cfg_g.render_size_milestones = 32, (32,), ()
         sd_cfg_g.render_size, sd_cfg_g.image_size = 32, 64
         zs_cfg_g.n_frames, zs_cfg_g.render_height, zs_cfg_g.render_width = 4, 16, 24
         zs_cfg_g.image_height, zs_cfg_g.image_width = 32, 48
@@ -510,7 +511,8 @@ def run_bench(preset: str, tiny: bool, iters: int, warmup: int, kinds: tuple[str
     )
     for kind in kinds:
         guidance = setup.guidances[kind]
-        entry: dict[str, Any] = {"n_views": guidance.n_views, "render_size": list(guidance.native_size)}
+        size = guidance.render_size(KIND_ITERATION[kind])
+        entry: dict[str, Any] = {"n_views": guidance.n_views, "render_size": list(size)}
         try:
             trainer.schedule.kind = lambda i, gen, k=kind: k  # type: ignore[method-assign]
 

@@ -286,7 +286,7 @@ class Trainer:
         background = self._background_for_step()
         if isinstance(background, torch.Tensor):
             background = background.to(self.device)
-        h, w = guidance.native_size
+        h, w = guidance.render_size(it)  # MVDream renders 64² for its first 5000 steps
         out = self.renderer.render(self.field, cameras, times, h, w, background=background,
                                    generator=self.generator, train=True)
         g_out = guidance(out["rgb"], self.prompt, cameras, times, it)

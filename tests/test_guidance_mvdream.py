@@ -190,6 +190,18 @@ def test_loss_weight_scales_the_loss(guidance: MVDreamGuidance) -> None:
     assert scaled.loss.item() == pytest.approx(0.25 * base.item(), rel=1e-6)
 
 
+def test_render_size_switches_at_the_milestone(guidance: MVDreamGuidance) -> None:
+    # tiny config: render_sizes (16, 32), default milestone 5000 (authors: 64² then 256² at step 5000)
+    assert [guidance.render_size(s) for s in (0, 4999, 5000, 10**6)] == [(16, 16), (16, 16), (32, 32), (32, 32)]
+    three = _variant(guidance, render_sizes=(8, 16, 32), render_size_milestones=(10, 20))
+    assert [three.render_size(s)[0] for s in (0, 9, 10, 19, 20)] == [8, 8, 16, 16, 32]
+    assert MVDreamConfig().render_sizes == (64, 256) and MVDreamConfig().render_size_milestones == (5000,)
+    with pytest.raises(ValueError, match="render_size_milestones"):
+        _variant(guidance, render_sizes=(16, 32), render_size_milestones=())
+    with pytest.raises(ValueError, match="render_size_milestones"):
+        _variant(guidance, render_sizes=(8, 16, 32), render_size_milestones=(20, 10))
+
+
 def test_bad_inputs_raise_value_errors(guidance: MVDreamGuidance) -> None:
     with pytest.raises(ValueError, match="n_views=4"):
         guidance(torch.rand(3, 32, 32, 3), PROMPT, _cameras(3), torch.zeros(3), 0)

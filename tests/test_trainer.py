@@ -110,6 +110,9 @@ class _NaNGuidance:
     def __call__(self, renders, prompt, cameras, times, step):
         return GuidanceOut(renders.sum() * float("nan"))
 
+    def render_size(self, step):
+        return self.native_size
+
     def finetune_step(self, *args):
         return {}
 
@@ -128,6 +131,29 @@ def test_non_finite_guidance_is_skipped_and_counted(tmp_path):
     after = [p for g in trainer.groups.values() for p in g]
     assert scalars["skipped_steps"] == 1
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+class _SizeSpyGuidance(_NaNGuidance):
+    """Asks for 8² renders before step 2 and 12×16 after (as MVDream switches 64² -> 256²); records shapes."""
+
+    def __init__(self):
+        self.shapes = []
+
+    def render_size(self, step):
+        return (8, 8) if step < 2 else (12, 16)
+
+    def __call__(self, renders, prompt, cameras, times, step):
+        self.shapes.append((step, tuple(renders.shape)))
+        return GuidanceOut(renders.mean())
+
+
+def test_renders_have_the_size_the_guidance_asks_for_at_each_step(tmp_path):
+    cfg = compose_run_config(SMOKE + ["schedule.stage_lengths=[4,0,0]"])
+    spy = _SizeSpyGuidance()
+    trainer = _trainer(cfg, tmp_path, guidances={"3d": spy})
+    for _ in range(4):
+        trainer.step()
+    assert spy.shapes == [(0, (4, 8, 8, 3)), (1, (4, 8, 8, 3)), (2, (4, 12, 16, 3)), (3, (4, 12, 16, 3))]
 
 
 def test_finished_run_is_not_redone_and_incompatible_resume_is_refused(tmp_path, capsys):

@@ -29,7 +29,7 @@ class Guidance(Protocol):
 
     Attributes:
         n_views: how many renders one step needs (4 for MVDream, 1 for SD, 16 frames for video).
-        native_size: (height, width) the renders must have.
+        native_size: (height, width) of the renders for most of training (what the prior is built for).
         is_video: True when the renders are consecutive frames of one camera (times advance).
     """
 
@@ -41,6 +41,10 @@ class Guidance(Protocol):
         self, renders: torch.Tensor, prompt: str, cameras: Cameras, times: torch.Tensor, step: int
     ) -> GuidanceOut:
         """renders: [B,H,W,3] in [0,1] (differentiable); cameras: B cameras; times: [B]; step: global iteration."""
+        ...
+
+    def render_size(self, step: int) -> tuple[int, int]:
+        """(height, width) the renders of training step ``step`` must have (MVDream starts at 64²)."""
         ...
 
     def finetune_step(self, renders: torch.Tensor, prompt: str, cameras: Cameras, step: int) -> dict[str, float]:

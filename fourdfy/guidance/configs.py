@@ -83,8 +83,10 @@ class MVDreamConfig:
     n_views: int = 4
     # Side the renders are resized to before the VAE: Config.image_size = 256 (latent 32x32).
     image_size: int = 256
-    # Render sizes accepted: data.multi_view.width/height [64, 256] (64² before step 5000 of stage 1).
+    # Render side per phase: data.multi_view.width/height [64, 256] (REFERENCE.md §Rendering).
     render_sizes: tuple[int, ...] = (64, 256)
+    # Training steps at which the next render_sizes entry starts: data.multi_view.resolution_milestones [5000].
+    render_size_milestones: tuple[int, ...] = (5000,)
     # CFG scale, ε_u + s(ε_c − ε_u): guidance_multi_view.guidance_scale = 50.
     guidance_scale: float = 50.0
     # Unconditional prompt: prompt_processor_multi_view.negative_prompt.

@@ -22,6 +22,7 @@ networks; any diffusers-layout folder with vae/, text_encoder/, tokenizer/ works
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -87,6 +88,12 @@ class MVDreamGuidance:
             raise ValueError(
                 f"MVDreamConfig.recon_std_rescale must be in [0, 1], got {cfg.recon_std_rescale}"
             )
+        milestones = tuple(cfg.render_size_milestones)
+        if len(cfg.render_sizes) != len(milestones) + 1 or list(milestones) != sorted(set(milestones)):
+            raise ValueError(
+                f"MVDreamConfig.render_sizes {tuple(cfg.render_sizes)} needs one more entry than the increasing "
+                f"render_size_milestones {milestones} (a size before the first milestone, one after each)"
+            )
         self.cfg = cfg
         self.device = torch.device(device)
         self.dtype = resolve_dtype(self.device, dtype)
@@ -127,6 +134,12 @@ class MVDreamGuidance:
         tokenizer, text_encoder = load_text_encoder(loc, key, weights_dtype)
         models = MVDreamModels(unet, load_vae(loc, key, weights_dtype), tokenizer, text_encoder)
         return cls(cfg, models, device=device, dtype=dtype, seed=seed)
+
+    def render_size(self, step: int) -> tuple[int, int]:
+        """Render side at training step ``step``: render_sizes[number of milestones <= step] (authors: 64² for
+        the first 5000 steps, then 256²; the renders are resized to image_size either way)."""
+        side = self.cfg.render_sizes[bisect.bisect_right(self.cfg.render_size_milestones, step)]
+        return side, side
 
     def timestep_range(self, step: int) -> tuple[int, int]:
         """(t_min, t_max), inclusive, at training step `step` (authors' update_step)."""

@@ -309,6 +309,10 @@ class SDVSDGuidance:
 
     # ---------------------------------------------------------------- LoRA fine-tuning
 
+    def render_size(self, step: int) -> tuple[int, int]:
+        """(height, width) of the renders: native_size at every step."""
+        return self.native_size
+
     def finetune_step(
         self, renders: torch.Tensor, prompt: str, cameras: Cameras, step: int
     ) -> dict[str, float]:

@@ -202,6 +202,10 @@ class ZeroscopeGuidance:
         loss = self.cfg.loss_weight * sds_loss(latents, grad)
         return GuidanceOut(loss=loss, stats={"t": float(t), "grad_norm": float(grad.norm())})
 
+    def render_size(self, step: int) -> tuple[int, int]:
+        """(height, width) of the renders: native_size at every step."""
+        return self.native_size
+
     def finetune_step(
         self, renders: torch.Tensor, prompt: str, cameras: Cameras, step: int
     ) -> dict[str, float]:

@@ -317,6 +317,10 @@ class _ClosedFormPrior:
             grad = w * (eps - eps_ref)
         return GuidanceOut(sds_loss(x, grad), {"t": float(t), "grad_norm": float(grad.norm())})
 
+    def render_size(self, step: int) -> tuple[int, int]:
+        """(height, width) of the renders: native_size at every step."""
+        return self.native_size
+
     def finetune_step(self, renders: torch.Tensor, prompt: str, cameras: Cameras, step: int) -> dict[str, float]:
         return {}
 
