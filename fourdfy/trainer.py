@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from tqdm import tqdm
 from fourdfy.checkpoint import load_latest_checkpoint, save_checkpoint
 from fourdfy.guidance.base import Guidance
 from fourdfy.hybrid import HybridSchedule
+from fourdfy.preemption import checkpoint_on_signal
 from fourdfy.render.cameras import Cameras, CameraSamplingConfig, sample_cameras, sample_video_camera
 from fourdfy.render.volume import Renderer
 from fourdfy.tracking import Logger, NullLogger
@@ -326,7 +328,8 @@ class Trainer:
         bar = tqdm(total=total, initial=self.iteration, disable=not self.cfg.progress_bar, dynamic_ncols=True,
                    desc="fourdfy")
         start = time.perf_counter()
-        with open(log_path, "a") as log_file:
+        # SLURM warns with SIGUSR2 before the time limit: save, then let submitit requeue (preemption.py).
+        with open(log_path, "a") as log_file, checkpoint_on_signal(signal.SIGUSR2) as stop_signal:
             while self.iteration < total:
                 scalars = self.step()
                 it = scalars["iteration"]
@@ -337,10 +340,17 @@ class Trainer:
                     log_file.write(json.dumps(_jsonable(scalars)) + "\n")
                     log_file.flush()
                     self.logger.log({k: v for k, v in scalars.items() if isinstance(v, (int, float))}, step=it)
-                if self.iteration % self.cfg.checkpoint_every == 0 or self.iteration in stage_ends:
+                saved = self.iteration % self.cfg.checkpoint_every == 0 or self.iteration in stage_ends
+                if saved:
                     self.save()
                 for callback in self.callbacks:
                     callback(self, it)
+                if stop_signal.requested:
+                    if not saved:
+                        self.save()
+                    print(f"[fourdfy] caught {stop_signal.signum.name}: saved a checkpoint at iteration "
+                          f"{self.iteration}; handing the signal over", flush=True)
+                    stop_signal.hand_over()
         bar.close()
 
 
