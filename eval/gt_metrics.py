@@ -11,8 +11,8 @@ scene can be rendered from the same cameras at the same times, both on white, an
   ``motion_error`` is the RMSE of the *change* since t = 0, (pred(t) − pred(0)) − (gt(t) − gt(0)) over
   t > 0, so a scene that never moves scores the size of the true motion however good its t = 0 look is;
 - combined: ``gt_error`` = mean of the appearance RMSE (``rgb_rmse``, colour in [0, 1]), the depth error (world
-  units; the scenes fit in the unit sphere) and the motion error — the one number Table 2's toy rows are
-  ranked by. The three are errors of similar size (~0.05–0.15 for a plausible run), so equal weights give
+  units; the scenes fit in the unit sphere) and the motion error — the one number that sums up a toy row
+  of Table 2. The three are errors of similar size (~0.05–0.15 for a plausible run), so equal weights give
   each of appearance, 3D structure and motion a like say; see :func:`combined_error`.
 
     python -m eval.gt_metrics RUN_DIR [--default-settings] [--json]

@@ -35,8 +35,8 @@ from fourdfy.trainer import Callback, Trainer
 
 DONE_FILE = "DONE"
 # Config keys that may change between a run and its resume (they do not change the optimisation).
-# Keys a resumed run may change: they do not change what is computed (field.checkpoint_chunk trades memory for
-# time; results agree to float round-off), so lowering it after an out-of-memory error keeps the run.
+# Keys a resumed run may change. field.checkpoint_chunk trades memory for time: results agree to float round-off
+# (not bit for bit across a changed value), so lowering it after an out-of-memory error keeps the run.
 _RESUME_SAFE_KEYS = ("logger", "eval", "trainer.progress_bar", "trainer.log_every", "device", "field.checkpoint_chunk")
 
 

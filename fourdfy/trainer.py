@@ -2,10 +2,10 @@
 
 One iteration: the hybrid schedule draws the update kind; cameras and frame times are sampled for
 that prior (4 views 90° apart for 3D, one view for IMG, one camera × 16 frames for VID); the field
-is rendered at the prior's native size; the prior's loss plus the regularisers is back-propagated
-into the parameter groups that this kind trains; after IMG updates the VSD branch takes its own
-fine-tuning step. All randomness of the loop comes from one generator (and each prior's own), whose
-states are checkpointed, so a killed run restarted in the same directory continues exactly.
+is rendered at the size the prior asks for at that step (render_size); the prior's loss plus the
+regularisers is back-propagated into the parameter groups that this kind trains; after IMG updates the
+VSD branch takes its own fine-tuning step. All randomness of the loop comes from one generator (and each
+prior's own), whose states are checkpointed, so a killed run restarted in the same directory continues exactly.
 """
 
 from __future__ import annotations
@@ -52,7 +52,10 @@ class TrainerConfig:
     # occupancy_warmup iterations, then rebuilt before the render of iteration occupancy_warmup, of every
     # multiple of occupancy_every and of the first iteration of each stage (the times to cover change there).
     occupancy_every: int = 16  # iterations between grid updates (nerfacc update_every_n_steps n=16, threestudio)
-    occupancy_warmup: int = 256  # iterations before the first update (nerfacc update_every_n_steps warmup_steps)
+    # Iterations of dense marching before the first update: a project choice (the field is still the density
+    # blob then). nerfacc rebuilds from step 0; its warmup_steps=256 only means probing every cell, as every
+    # update here does.
+    occupancy_warmup: int = 256
     occupancy_times: int = 17  # times probed over [0, 1]: 1/16 apart like the frames (authors' data config) + t=1
 
     def validate(self) -> None:
@@ -232,7 +235,7 @@ class Trainer:
             times += torch.linspace(0.0, 1.0, self.cfg.occupancy_times).tolist()
         if static_time is not None and (probs["3d"] > 0 or probs["img"] > 0):
             times.append(static_time)
-        return torch.tensor(times)
+        return torch.tensor(sorted(set(times)))  # static_time may be a linspace time
 
     def _update_occupancy(self, it: int, stage: int) -> None:
         """Rebuild the renderer's occupancy grid (if it has one) when ``it`` is an update iteration."""

@@ -200,7 +200,7 @@ class Interrupted:
 
 
 _CHILD = """
-import json, os, signal, sys
+import json, os, signal, sys, time
 from pathlib import Path
 sys.path[:0] = [{repo!r}, {tests!r}]
 from configs import compose_run_config
@@ -215,8 +215,18 @@ def stand_in_for_submitit(signum, frame):
     Path({marker!r}).write_text(json.dumps(marker))
     os._exit({status})
 
+def handshake(trainer, iteration):
+    # Pause training at iteration 2 until the parent has sent the signal: the save then lands at iteration 3
+    # however loaded the machine is (without this the signal could arrive at a stage end, or after the end).
+    if iteration == 2:
+        Path({ready!r}).write_text("ready")
+        for _ in range(1200):
+            if Path({sent!r}).exists():
+                break
+            time.sleep(0.05)
+
 signal.signal(signal.SIGUSR2, stand_in_for_submitit)
-generate(compose_run_config({overrides!r}), run_dir)
+generate(compose_run_config({overrides!r}), run_dir, callbacks=[handshake])
 """
 
 
@@ -224,17 +234,19 @@ generate(compose_run_config({overrides!r}), run_dir)
 def interrupted(tmp_path_factory: pytest.TempPathFactory) -> Interrupted:
     root = tmp_path_factory.mktemp("interrupted")
     run_dir, marker, out = root / "run", root / "marker.json", root / "stdout.txt"
+    ready, sent = root / "ready", root / "sent"
     script = _CHILD.format(repo=str(REPO), tests=str(REPO / "tests"), run_dir=str(run_dir),
-                           marker=str(marker), status=EXIT_STATUS, overrides=OVERRIDES)
+                           marker=str(marker), status=EXIT_STATUS, overrides=OVERRIDES,
+                           ready=str(ready), sent=str(sent))
     log = run_dir / "log.jsonl"
     with open(out, "w") as stdout:
         child = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=stdout,
                                  stderr=subprocess.STDOUT)
         try:
-            # A row exists: training runs (and the stand-in handler is installed, long before).
-            _wait_for(lambda: log.exists() and log.read_text().count("\n") >= 1, "a log row",
-                      timeout=TIMEOUT_S)
+            # The child waits in its iteration-2 callback (the stand-in handler was installed long before).
+            _wait_for(ready.exists, "the child's iteration-2 callback", timeout=TIMEOUT_S)
             child.send_signal(signal.SIGUSR2)
+            sent.write_text("sent")
             returncode = child.wait(timeout=TIMEOUT_S)
         finally:
             if child.poll() is None:
@@ -254,6 +266,7 @@ def test_signal_saves_the_last_completed_iteration_then_calls_the_previous_handl
     last = interrupted.log_iterations[-1]
     assert interrupted.log_iterations == list(range(last + 1))
     saved = last + 1  # a checkpoint's iteration is the next one to run
+    assert saved == 3  # the child paused in its iteration-2 callback until the signal was sent
     # Neither a multiple of checkpoint_every nor a stage end: only the signal saves there.
     assert saved % 1000 != 0 and saved not in STAGE_ENDS, (
         "no checkpoint at the signal, only scheduled ones (or the signal came too late to tell)")

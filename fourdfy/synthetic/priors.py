@@ -237,7 +237,7 @@ def _ring_cameras(elevations: list[float], azimuth_step: float, cfg: ToyDataConf
 
 @dataclass
 class ImageBank:
-    """Images of every toy prompt from a ring of cameras at t = 0 (flattened, in [-1,1])."""
+    """Images of every toy prompt from a ring of cameras at each of data.image_times (flattened, in [-1,1])."""
 
     images: dict[str, torch.Tensor]  # prompt -> [M, H·W·3]
     directions: torch.Tensor  # [M, 3] camera directions (shared by all prompts)
