@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from fourdfy.guidance.noise import scaled_linear_alphas_cumprod
-from fourdfy.synthetic.priors import camera_log_kernel, eps_from_x0, ideal_denoiser
+from fourdfy.render.cameras import orbit_cameras
+from fourdfy.synthetic.priors import (
+    ToyDataConfig,
+    build_image_banks,
+    camera_log_kernel,
+    eps_from_x0,
+    ideal_denoiser,
+    render_scene,
+)
 from fourdfy.synthetic.scenes import SCENES, get_scene
 
 
@@ -112,3 +120,18 @@ def test_scenes_are_solid_inside_empty_outside_and_move(scene):
     d1, _ = scene(pts, torch.ones(4000) * 0.5)
     assert float(d0.max()) > 50  # something solid
     assert (d0 - d1).abs().max() > 10  # and it moves
+
+
+def test_image_banks_hold_every_image_time_time_major(tmp_path, monkeypatch):
+    monkeypatch.setenv("FOURDFY_CACHE", str(tmp_path))
+    cfg = ToyDataConfig(elevations_deg=[15.0], azimuth_step_deg=120.0, n_samples=16, image_times=[0.0, 0.5])
+    (bank,) = build_image_banks(8, cfg, [0.0])
+    ring = orbit_cameras(3, elevation=15.0, distance=cfg.distance, fovy_deg=cfg.fovy_deg)
+    ball = SCENES[0]
+    assert bank.images[ball.prompt].shape == (6, 8 * 8 * 3) and bank.directions.shape == (6, 3)
+    for k, t in enumerate(cfg.image_times):  # entries time-major: index = time_index · n_cameras + camera
+        rgb = render_scene(ball, ring, torch.full((3,), t), 8, cfg)["rgb"]
+        assert torch.allclose(bank.images[ball.prompt][3 * k : 3 * k + 3], (rgb * 2 - 1).reshape(3, -1), atol=1e-6)
+    assert not torch.equal(bank.images[ball.prompt][:3], bank.images[ball.prompt][3:])  # the ball moved
+    with pytest.raises(ValueError, match="image_times"):
+        build_image_banks(8, ToyDataConfig(image_times=[]), [0.0])

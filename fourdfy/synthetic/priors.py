@@ -414,7 +414,8 @@ class ToyVideoPrior(_ClosedFormPrior):
         # Only what changes the rendered clips: a sweep over kernels, timesteps or λ reuses the cache.
         rendering = ("size", "n_frames", "blur_sigma_px", "color_gain", "clip_azimuth_step_deg",
                      "clip_elevations_deg", "clip_starts")
-        key = {"video": {k: getattr(cfg, k) for k in rendering}, "data": asdict(data_cfg)}
+        data = {k: v for k, v in asdict(data_cfg).items() if k != "image_times"}  # the image banks' times only
+        key = {"video": {k: getattr(cfg, k) for k in rendering}, "data": data}
         self.clips = _cached("clips", key, lambda: self._render_clips(cams, data_cfg))
         # The unconditional branch's clips and their conditions, concatenated once.
         self.all_clips = torch.cat(list(self.clips.values()))
