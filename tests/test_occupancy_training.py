@@ -7,15 +7,13 @@ from __future__ import annotations
 import math
 import shutil
 import signal
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from configs import compose_run_config
+from run_helpers import run_generate_in_subprocess
 from scipy import ndimage
 from torch import nn
 
@@ -271,29 +269,15 @@ def test_resume_restores_the_grid_and_continues_bitwise(tmp_path):
     assert any(not torch.equal(tensor, c["field"][name]) for name, tensor in a["field"].items())
 
 
-def _run_in_subprocess(run_dir: Path, kill_after: int | None) -> int:
-    script = textwrap.dedent(f"""
-        import os, signal, sys
-        sys.path[:0] = [{str(REPO)!r}, {str(REPO / "tests")!r}]
-        from configs import compose_run_config
-        from fourdfy.api import generate
-
-        def kill(trainer, iteration):
-            if iteration == {kill_after!r}:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-        generate(compose_run_config({OCC_SMOKE!r}), {str(run_dir)!r}, callbacks=[kill])
-    """)
-    return subprocess.run([sys.executable, "-c", script], cwd=REPO, timeout=600).returncode
 
 
 @pytest.mark.slow  # three full runs (training and outputs) in subprocesses
 def test_resume_after_sigkill_with_the_grid_is_bitwise_exact(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert _run_in_subprocess(straight, kill_after=None) == 0
-    assert _run_in_subprocess(killed, kill_after=17) == -signal.SIGKILL
+    assert run_generate_in_subprocess(straight, OCC_SMOKE, kill_after=None) == 0
+    assert run_generate_in_subprocess(killed, OCC_SMOKE, kill_after=17) == -signal.SIGKILL
     assert list_checkpoints(killed / "checkpoints")[-1].name == "ckpt_000000015.pt"
-    assert _run_in_subprocess(killed, kill_after=None) == 0
+    assert run_generate_in_subprocess(killed, OCC_SMOKE, kill_after=None) == 0
     a, _ = load_latest_checkpoint(straight / "checkpoints")
     b, _ = load_latest_checkpoint(killed / "checkpoints")
     assert a["iteration"] == b["iteration"] == 30

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 import torch
 from configs import compose_run_config
+from run_helpers import flatten_state
 
 from fourdfy.api import build_field, build_guidances, generate
 from fourdfy.checkpoint import list_checkpoints, load_latest_checkpoint
@@ -279,15 +280,6 @@ def test_signal_saves_the_last_completed_iteration_then_calls_the_previous_handl
                                   "files": [f"ckpt_{saved:09d}.pt", f"ckpt_{saved:09d}.pt.sha256"]}
 
 
-def _flatten(state: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    if isinstance(state, dict):
-        for key, value in state.items():
-            yield from _flatten(value, f"{prefix}/{key}")
-    elif isinstance(state, (list, tuple)):
-        for i, value in enumerate(state):
-            yield from _flatten(value, f"{prefix}/{i}")
-    else:
-        yield prefix, state
 
 
 def test_restart_after_the_signal_ends_bitwise_like_an_uninterrupted_run(interrupted, tmp_path, usr2_handler,
@@ -302,7 +294,7 @@ def test_restart_after_the_signal_ends_bitwise_like_an_uninterrupted_run(interru
     a, path_a = load_latest_checkpoint(resumed / "checkpoints")
     b, path_b = load_latest_checkpoint(straight / "checkpoints")
     assert path_a.name == path_b.name == f"ckpt_{STAGE_ENDS[-1]:09d}.pt"
-    flat_a, flat_b = dict(_flatten(a)), dict(_flatten(b))
+    flat_a, flat_b = dict(flatten_state(a)), dict(flatten_state(b))
     assert flat_a.keys() == flat_b.keys() and any(k.startswith("/field/") for k in flat_a)
     for key, value in flat_a.items():  # field, background, optimizer, priors, generator and RNG states
         if isinstance(value, torch.Tensor):

@@ -31,6 +31,7 @@ from typing import Any
 
 import pytest
 import torch
+from run_helpers import flatten_state
 
 REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = ["preset=smoke", "schedule.stage_lengths=[10,10,40]", "trainer.checkpoint_every=5"]
@@ -107,20 +108,11 @@ def _job_python_pid(job_id: str) -> int:
     raise AssertionError(f"no submitit python process among the pids of job {job_id}:\n{out}")
 
 
-def _flatten(state: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    if isinstance(state, dict):
-        for key, value in state.items():
-            yield from _flatten(value, f"{prefix}/{key}")
-    elif isinstance(state, (list, tuple)):
-        for i, value in enumerate(state):
-            yield from _flatten(value, f"{prefix}/{i}")
-    else:
-        yield prefix, state
 
 
 def _assert_bitwise_equal(a: Path, b: Path) -> None:
-    sa = dict(_flatten(torch.load(a, map_location="cpu", weights_only=False)))
-    sb = dict(_flatten(torch.load(b, map_location="cpu", weights_only=False)))
+    sa = dict(flatten_state(torch.load(a, map_location="cpu", weights_only=False)))
+    sb = dict(flatten_state(torch.load(b, map_location="cpu", weights_only=False)))
     assert sa.keys() == sb.keys()
     assert any(k.startswith("/field/") for k in sa)
     for key, value in sa.items():

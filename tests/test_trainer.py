@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from configs import compose_run_config
+from run_helpers import run_generate_in_subprocess
 
 from fourdfy.api import build_field, build_guidances, generate
 from fourdfy.checkpoint import list_checkpoints, load_latest_checkpoint
@@ -54,32 +52,17 @@ def test_dynamic_grid_changes_only_on_video_steps(tmp_path):
     assert kinds_seen == {"3d", "img", "vid"}
 
 
-def _run_in_subprocess(run_dir: Path, kill_after: int | None) -> int:
-    script = textwrap.dedent(f"""
-        import os, signal, sys
-        sys.path[:0] = [{str(REPO)!r}, {str(REPO / "tests")!r}]
-        from configs import compose_run_config
-        from fourdfy.api import generate
-
-        def kill(trainer, iteration):
-            if iteration == {kill_after!r}:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-        cfg = compose_run_config({SMOKE!r})
-        generate(cfg, {str(run_dir)!r}, callbacks=[kill])
-    """)
-    return subprocess.run([sys.executable, "-c", script], cwd=REPO, timeout=600).returncode
 
 
 @pytest.mark.slow
 def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert _run_in_subprocess(straight, kill_after=None) == 0
-    assert _run_in_subprocess(killed, kill_after=17) == -signal.SIGKILL
+    assert run_generate_in_subprocess(straight, SMOKE, kill_after=None) == 0
+    assert run_generate_in_subprocess(killed, SMOKE, kill_after=17) == -signal.SIGKILL
     assert not (killed / "DONE").exists()
     newest = list_checkpoints(killed / "checkpoints")[-1].name
     assert newest == "ckpt_000000015.pt"  # killed between the checkpoints at 15 and 20
-    assert _run_in_subprocess(killed, kill_after=None) == 0
+    assert run_generate_in_subprocess(killed, SMOKE, kill_after=None) == 0
     a, _ = load_latest_checkpoint(straight / "checkpoints")
     b, _ = load_latest_checkpoint(killed / "checkpoints")
     assert a["iteration"] == b["iteration"] == 30
