@@ -38,6 +38,9 @@ DONE_FILE = "DONE"
 # Keys a resumed run may change. field.checkpoint_chunk trades memory for time: results agree to float round-off
 # (not bit for bit across a changed value), so lowering it after an out-of-memory error keeps the run.
 _RESUME_SAFE_KEYS = ("logger", "eval", "trainer.progress_bar", "trainer.log_every", "device", "field.checkpoint_chunk")
+# Keys added after runs already existed, with the value that reproduces the behaviour from before them: at that
+# value they leave the fingerprint, so a run started before the key existed still resumes after an upgrade.
+_NEUTRAL_NEW_KEYS: dict[str, Any] = {"guidance.synthetic.video.clip_azimuths_deg": None}
 
 
 def _hash_grid(cfg: HashGridConfig, n_dims: int) -> HashGridEncoding:
@@ -76,15 +79,22 @@ def build_guidances(cfg: RunConfig) -> dict[str, Guidance]:
     raise ValueError(f"guidance.backend must be 'synthetic' or 'real', got {cfg.guidance.backend!r}")
 
 
+def _parent(data: dict[str, Any], dotted_key: str) -> dict[str, Any]:
+    """The dict that holds the last part of ``dotted_key`` in a nested dict."""
+    for part in dotted_key.split(".")[:-1]:
+        data = data[part]
+    return data
+
+
 def config_fingerprint(cfg: RunConfig) -> str:
     """Hash of everything that shapes the optimisation: a resume under a different one is refused."""
     data = asdict(cfg)
     for key in _RESUME_SAFE_KEYS:
-        node = data
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node.pop(leaf, None)
+        _parent(data, key).pop(key.rsplit(".", 1)[-1], None)
+    for key, neutral in _NEUTRAL_NEW_KEYS.items():
+        parent, leaf = _parent(data, key), key.rsplit(".", 1)[-1]
+        if leaf in parent and parent[leaf] == neutral:
+            del parent[leaf]
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -7,6 +7,9 @@ fourdfy.api.generate); the run.py end-to-end checks start the real entry point a
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 import re
 import subprocess
@@ -183,6 +186,22 @@ def test_generate_refuses_to_resume_a_run_of_another_config(tmp_path: Path) -> N
         generate(other, tmp_path / "run")
     assert ckpt.read_bytes() == before and sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) \
         == [ckpt.name, ckpt.name + ".sha256"]
+
+
+def test_a_key_added_later_leaves_the_fingerprint_at_its_neutral_value() -> None:
+    """Runs started before guidance.synthetic.video.clip_azimuths_deg existed must still resume: at its neutral
+    value (None) the fingerprint is the one computed without the key; any other value changes it."""
+    cfg = OmegaConf.to_object(compose_cfg(["preset=smoke"]))
+    data = dataclasses.asdict(cfg)
+    for key in ("logger", "eval", "device"):
+        data.pop(key)
+    for section, key in (("trainer", "progress_bar"), ("trainer", "log_every"), ("field", "checkpoint_chunk")):
+        data[section].pop(key)
+    del data["guidance"]["synthetic"]["video"]["clip_azimuths_deg"]
+    before_the_key = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    assert config_fingerprint(cfg) == before_the_key
+    front = OmegaConf.to_object(compose_cfg(["preset=smoke", "guidance.synthetic.video.clip_azimuths_deg=[0,30]"]))
+    assert config_fingerprint(front) != before_the_key
 
 
 def _run_py(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -8,10 +8,13 @@ import pytest
 import torch
 
 from fourdfy.guidance.noise import scaled_linear_alphas_cumprod
-from fourdfy.render.cameras import orbit_cameras
+from fourdfy.render.cameras import cameras_from_spherical, orbit_cameras
 from fourdfy.synthetic.priors import (
     ToyDataConfig,
+    ToyVideoConfig,
+    ToyVideoPrior,
     build_image_banks,
+    camera_directions,
     camera_log_kernel,
     eps_from_x0,
     ideal_denoiser,
@@ -135,3 +138,29 @@ def test_image_banks_hold_every_image_time_time_major(tmp_path, monkeypatch):
     assert not torch.equal(bank.images[ball.prompt][:3], bank.images[ball.prompt][3:])  # the ball moved
     with pytest.raises(ValueError, match="image_times"):
         build_image_banks(8, ToyDataConfig(image_times=[]), [0.0])
+
+
+def test_camera_agnostic_video_prior_on_chosen_azimuths(tmp_path, monkeypatch):
+    """camera_tau_deg=None: the clip kernel is the start-time Gaussian alone, whatever the camera (Zeroscope has
+    no camera input); clip_azimuths_deg: the clips are filmed from exactly those azimuths at every elevation."""
+    monkeypatch.setenv("FOURDFY_CACHE", str(tmp_path))
+    data = ToyDataConfig(n_samples=8)
+    common = dict(size=4, n_frames=2, clip_azimuths_deg=[-30.0, 30.0], clip_elevations_deg=[10.0],
+                  clip_starts=[0.0, 0.25])
+    agnostic = ToyVideoPrior(ToyVideoConfig(camera_tau_deg=None, **common), data)
+    ring = cameras_from_spherical(10.0, torch.tensor([-30.0, 30.0]), data.distance, data.fovy_deg)
+    assert torch.allclose(agnostic.clip_dirs, camera_directions(ring).repeat(2, 1), atol=1e-6)
+    assert agnostic.clip_starts.tolist() == [0.0, 0.0, 0.25, 0.25]
+    front, back = orbit_cameras(1, elevation=0.0), orbit_cameras(1, elevation=30.0, azimuth_start=170.0)
+    times = torch.tensor([0.1])
+    k_front = agnostic._log_kernel(front, times, agnostic.clip_dirs, agnostic.clip_starts)
+    k_back = agnostic._log_kernel(back, times, agnostic.clip_dirs, agnostic.clip_starts)
+    tau = ToyVideoConfig().time_tau
+    expected = torch.tensor([[-(0.1**2), -(0.1**2), -(0.15**2), -(0.15**2)]]) / (2 * tau**2)
+    assert torch.equal(k_front, k_back) and torch.allclose(k_front, expected, rtol=1e-5)
+    # A camera-conditioned prior on the same clips does tell the two cameras apart.
+    aware = ToyVideoPrior(ToyVideoConfig(camera_tau_deg=25.0, **common), data)
+    assert not torch.allclose(aware._log_kernel(front, times, aware.clip_dirs, aware.clip_starts),
+                              aware._log_kernel(back, times, aware.clip_dirs, aware.clip_starts))
+    with pytest.raises(ValueError, match="clip_azimuths_deg"):
+        ToyVideoPrior(ToyVideoConfig(**{**common, "clip_azimuths_deg": []}), data)

@@ -33,7 +33,7 @@ import torch
 
 from fourdfy.guidance.base import GuidanceOut, sds_loss
 from fourdfy.guidance.noise import scaled_linear_alphas_cumprod
-from fourdfy.render.cameras import Cameras, orbit_cameras
+from fourdfy.render.cameras import Cameras, cameras_from_spherical, orbit_cameras
 from fourdfy.render.volume import Renderer, RendererConfig
 from fourdfy.synthetic.scenes import SCENES, ToyScene, get_scene
 
@@ -140,8 +140,9 @@ class ToyVideoConfig:
     n_frames: int = 16  # frames per clip, 1/16 apart in time (REFERENCE.md)
     blur_sigma_px: float = 0.5
     color_gain: list[float] = field(default_factory=lambda: [1.0, 0.92, 0.85])  # colour shift of the data
-    camera_tau_deg: float = 25.0  # weak in 3D: a wide camera kernel
-    clip_azimuth_step_deg: float = 30.0
+    camera_tau_deg: float | None = 25.0  # weak in 3D: a wide camera kernel; None: no camera input (as Zeroscope)
+    clip_azimuth_step_deg: float = 30.0  # spacing of the clip cameras around the full ring
+    clip_azimuths_deg: list[float] | None = None  # None: the full ring; a list: only these azimuths (front-biased data)
     clip_elevations_deg: list[float] = field(default_factory=lambda: [5.0, 25.0])
     clip_starts: list[float] = field(default_factory=lambda: [0.0, 1.0 / 32.0])  # t0 of the data clips
     time_tau: float = 1.0 / 64.0  # kernel width on clip start time
@@ -404,7 +405,7 @@ class ToyVideoPrior(_ClosedFormPrior):
         self.cfg = cfg
         self.n_views = cfg.n_frames
         self.native_size = (cfg.size, cfg.size)
-        cams = _ring_cameras(cfg.clip_elevations_deg, cfg.clip_azimuth_step_deg, data_cfg)
+        cams = self._clip_cameras(data_cfg)
         dirs, starts = [], []
         for t0 in cfg.clip_starts:
             dirs.append(camera_directions(cams))
@@ -414,6 +415,8 @@ class ToyVideoPrior(_ClosedFormPrior):
         # Only what changes the rendered clips: a sweep over kernels, timesteps or λ reuses the cache.
         rendering = ("size", "n_frames", "blur_sigma_px", "color_gain", "clip_azimuth_step_deg",
                      "clip_elevations_deg", "clip_starts")
+        if cfg.clip_azimuths_deg is not None:  # keys of the full-ring default stay as they were
+            rendering += ("clip_azimuths_deg",)
         data = {k: v for k, v in asdict(data_cfg).items() if k != "image_times"}  # the image banks' times only
         key = {"video": {k: getattr(cfg, k) for k in rendering}, "data": data}
         self.clips = _cached("clips", key, lambda: self._render_clips(cams, data_cfg))
@@ -421,6 +424,17 @@ class ToyVideoPrior(_ClosedFormPrior):
         self.all_clips = torch.cat(list(self.clips.values()))
         self.all_clip_dirs = self.clip_dirs.repeat(len(self.clips), 1)
         self.all_clip_starts = self.clip_starts.repeat(len(self.clips))
+
+    def _clip_cameras(self, data_cfg: ToyDataConfig) -> Cameras:
+        """The clips' cameras: every clip elevation × the full ring, or × clip_azimuths_deg."""
+        azimuths = self.cfg.clip_azimuths_deg
+        if azimuths is None:
+            return _ring_cameras(self.cfg.clip_elevations_deg, self.cfg.clip_azimuth_step_deg, data_cfg)
+        if not azimuths:
+            raise ValueError("guidance.synthetic.video.clip_azimuths_deg is empty: give azimuths or null (full ring)")
+        az = torch.tensor(azimuths, dtype=torch.float64)
+        return Cameras.cat([cameras_from_spherical(e, az, data_cfg.distance, data_cfg.fovy_deg)
+                            for e in self.cfg.clip_elevations_deg])
 
     def _render_clips(self, cams: Cameras, data_cfg: ToyDataConfig) -> dict[str, torch.Tensor]:
         """Every scene × clip start × camera: a [M, F·H·W·3] clip bank per prompt, start-major."""
@@ -443,10 +457,13 @@ class ToyVideoPrior(_ClosedFormPrior):
     def _log_kernel(
         self, cameras: Cameras, times: torch.Tensor, dirs: torch.Tensor, starts: torch.Tensor
     ) -> torch.Tensor:
-        """log k over clips [1, M]: camera kernel of the (fixed) video camera + kernel on the clip start."""
-        cam = camera_log_kernel(camera_directions(cameras[:1]), dirs, self.cfg.camera_tau_deg)
+        """log k over clips [1, M]: camera kernel of the (fixed) video camera + kernel on the clip start.
+        Without camera_tau_deg the prior ignores the camera, as Zeroscope does: only the start time conditions."""
         dt = times[:1, None] - starts[None]
-        return cam - dt**2 / (2.0 * self.cfg.time_tau**2)
+        log_k = -(dt**2) / (2.0 * self.cfg.time_tau**2)
+        if self.cfg.camera_tau_deg is not None:
+            log_k = log_k + camera_log_kernel(camera_directions(cameras[:1]), dirs, self.cfg.camera_tau_deg)
+        return log_k
 
     def __call__(self, renders, prompt, cameras, times, step) -> GuidanceOut:
         self._check(renders)
