@@ -79,20 +79,22 @@ def build_guidances(cfg: RunConfig) -> dict[str, Guidance]:
     raise ValueError(f"guidance.backend must be 'synthetic' or 'real', got {cfg.guidance.backend!r}")
 
 
-def _parent(data: dict[str, Any], dotted_key: str) -> dict[str, Any]:
-    """The dict that holds the last part of ``dotted_key`` in a nested dict."""
-    for part in dotted_key.split(".")[:-1]:
+def _parent_and_leaf(data: dict[str, Any], dotted_key: str) -> tuple[dict[str, Any], str]:
+    """The dict of a nested dict that holds ``dotted_key``'s last part, and that part."""
+    *parents, leaf = dotted_key.split(".")
+    for part in parents:
         data = data[part]
-    return data
+    return data, leaf
 
 
 def config_fingerprint(cfg: RunConfig) -> str:
     """Hash of everything that shapes the optimisation: a resume under a different one is refused."""
     data = asdict(cfg)
     for key in _RESUME_SAFE_KEYS:
-        _parent(data, key).pop(key.rsplit(".", 1)[-1], None)
+        parent, leaf = _parent_and_leaf(data, key)
+        parent.pop(leaf, None)
     for key, neutral in _NEUTRAL_NEW_KEYS.items():
-        parent, leaf = _parent(data, key), key.rsplit(".", 1)[-1]
+        parent, leaf = _parent_and_leaf(data, key)
         if leaf in parent and parent[leaf] == neutral:
             del parent[leaf]
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]

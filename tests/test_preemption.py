@@ -280,8 +280,6 @@ def test_signal_saves_the_last_completed_iteration_then_calls_the_previous_handl
                                   "files": [f"ckpt_{saved:09d}.pt", f"ckpt_{saved:09d}.pt.sha256"]}
 
 
-
-
 def test_restart_after_the_signal_ends_bitwise_like_an_uninterrupted_run(interrupted, tmp_path, usr2_handler,
                                                                           capsys):
     assert interrupted.returncode == EXIT_STATUS, interrupted.stdout[-3000:]

@@ -56,9 +56,8 @@ class RendererConfig:
     # density·render_step_size, nerfacc's default occ_thre 0.01); as in nerfacc the threshold is lowered to
     # the mean of the positive values when that is smaller, so a faint field keeps its densest cells. Only 0
     # is conservative (keeps every cell with any density); 0.01 drops faint density, changing the image
-    # slightly (each skipped sample has optical depth <= 0.01 at evaluation spacing, <= 0.02 with training's stratified
-    # jitter, where the centre value is representative), as
-    # the authors' grid does.
+    # slightly (each skipped sample has optical depth <= 0.01 at evaluation spacing, <= 0.02 with training's
+    # stratified jitter, where the centre value is representative), as the authors' grid does.
     occupancy_threshold: float = 0.01
     # Cells added around occupied ones (a dilation): the grid probes only cell centres, so content in a
     # cell whose centre is empty is caught through its occupied neighbour.

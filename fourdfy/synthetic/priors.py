@@ -414,9 +414,7 @@ class ToyVideoPrior(_ClosedFormPrior):
         self.clip_starts = torch.cat(starts)  # [M]
         # Only what changes the rendered clips: a sweep over kernels, timesteps or λ reuses the cache.
         rendering = ("size", "n_frames", "blur_sigma_px", "color_gain", "clip_azimuth_step_deg",
-                     "clip_elevations_deg", "clip_starts")
-        if cfg.clip_azimuths_deg is not None:  # keys of the full-ring default stay as they were
-            rendering += ("clip_azimuths_deg",)
+                     "clip_azimuths_deg", "clip_elevations_deg", "clip_starts")
         data = {k: v for k, v in asdict(data_cfg).items() if k != "image_times"}  # the image banks' times only
         key = {"video": {k: getattr(cfg, k) for k in rendering}, "data": data}
         self.clips = _cached("clips", key, lambda: self._render_clips(cams, data_cfg))
