@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import hydra
@@ -19,15 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from fourdfy.api import generate
 from fourdfy.config import RunConfig, register_configs
 
-
-def slug(text: str) -> str:
-    """A prompt as a folder name: lower case, words joined by '_' ("a panda dancing" -> "a_panda_dancing")."""
-    return re.sub(r"[^a-z0-9]+", "_", str(text).lower()).strip("_")[:120] or "prompt"
-
-
-register_configs()
-if not OmegaConf.has_resolver("slug"):
-    OmegaConf.register_new_resolver("slug", slug)
+register_configs()  # before @hydra.main composes: conf/config.yaml extends the schema and uses `slug`
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

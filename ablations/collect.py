@@ -39,9 +39,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ablations.table2 import REFERENCE_VARIANT, ROWS, row_of
-from fourdfy.api import DONE_FILE
+from fourdfy.atomic import atomic_path, write_json_atomic, write_text_atomic
 from fourdfy.checkpoint import list_checkpoints
 from fourdfy.config import RunConfig
+from fourdfy.rundir import DONE_FILE
 
 FINISHED, FAILED, UNFINISHED, MISSING = "finished", "failed", "unfinished", "missing"
 STATUSES = (FINISHED, FAILED, UNFINISHED, MISSING)
@@ -60,7 +61,7 @@ class Metric:
 
 
 # Column order: CLIP first (the paper's one metric), then the toy world's ground-truth metrics, the
-# combined one (eval.gt_metrics.combined_error) first.
+# combined one (fourdfy.synthetic.metrics.combined_error) first.
 METRICS: tuple[Metric, ...] = (
     Metric("clip", "CLIP", True, 1),
     Metric("gt_error", "GT err. (combined)", False, 4),
@@ -268,12 +269,6 @@ def find_runs(root: Path) -> list[RunRecord]:
 # Metrics, cached in metrics.json
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
 def _cached(section: dict[str, Any], name: str, settings: dict[str, Any], path: Path,
             compute: Callable[[], dict[str, float]], recompute: bool) -> tuple[dict[str, float], bool]:
     """Values of ``section[name]`` if present with the same settings, else computed. Returns (values, changed)."""
@@ -316,7 +311,8 @@ def ensure_metrics(record: RunRecord, options: CollectOptions, clip: _ClipScorer
     section: dict[str, Any] = dict(data.get("eval") or {})
     changed = False
     if record.backend == "synthetic":
-        from eval.gt_metrics import GTMetricsConfig, combined_error, run_metrics
+        from eval.gt_metrics import run_metrics
+        from fourdfy.synthetic.metrics import GTMetricsConfig, combined_error
 
         gt_cfg = GTMetricsConfig.from_eval(record.config.eval)
         values, fresh = _cached(section, "gt", gt_cfg.settings(), path,
@@ -333,7 +329,7 @@ def ensure_metrics(record: RunRecord, options: CollectOptions, clip: _ClipScorer
         changed |= fresh
     if changed:
         data["eval"] = section
-        _write_json_atomic(path, data)
+        write_json_atomic(path, data)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -485,17 +481,12 @@ def plot(table: pd.DataFrame, records: list[RunRecord], path: Path) -> Path:
                      fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120)
+    finally:
+        plt.close(fig)
     return path
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def runs_frame(records: list[RunRecord]) -> pd.DataFrame:
@@ -535,10 +526,10 @@ def collect(root: Path, options: CollectOptions | None = None) -> CollectResult:
     out.mkdir(parents=True, exist_ok=True)
     files = {"csv": out / "table2.csv", "md": out / "table2.md", "tex": out / "table2.tex",
              "png": out / "table2.png", "runs": out / "runs.csv"}
-    _write_text_atomic(files["csv"], table.to_csv(index=False))
-    _write_text_atomic(files["runs"], runs_frame(records).to_csv(index=False))
-    _write_text_atomic(files["md"], to_markdown(table, records, options.method))
-    _write_text_atomic(files["tex"], to_latex(table))
+    write_text_atomic(files["csv"], table.to_csv(index=False))
+    write_text_atomic(files["runs"], runs_frame(records).to_csv(index=False))
+    write_text_atomic(files["md"], to_markdown(table, records, options.method))
+    write_text_atomic(files["tex"], to_latex(table))
     plot(table, records, files["png"])
     return CollectResult(table, records, files)
 

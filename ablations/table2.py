@@ -33,7 +33,7 @@ class Row:
     paper_clip: float  # the paper's CLIP score for this row (Table 2, ablation block, 5 prompts)
 
 
-# Order, names and CLIP scores: paper Table 2, "Ablation Study" block (REFERENCE.md §Evaluation).
+# Order, names and CLIP scores: paper Table 2, "Ablation Study" block (and §4.3 Ablations).
 ROWS: tuple[Row, ...] = (
     Row("full", "4D-fy", "4D-fy", 35.0),
     Row("no_image_guidance", "w/o ∇L_3D/IMG", r"w/o $\nabla_{\theta} \mathcal{L}_{3D/IMG}$", 29.3),

@@ -42,11 +42,10 @@ import torch
 from torch import Tensor
 
 from fourdfy.fields.hashgrid import HashGridEncoding, tcnn_grid_layout
+from fourdfy.kinds import UPDATE_KINDS, UpdateKind
 
-ROOT = Path(__file__).resolve().parents[1]
 # tiny-cuda-nn's spatial hash primes (include/tiny-cuda-nn/encodings/grid.h, fast_hash).
 TCNN_PRIMES = (1, 2654435761, 805459861, 3674653429)
-KINDS = ("3d", "img", "vid")
 
 
 def naive_hashgrid(x: Tensor, params: Tensor, enc: HashGridEncoding) -> Tensor:
@@ -122,7 +121,7 @@ def matmul_gflops(reps: int) -> float:
 
 def paper_grid(n_dims: int) -> HashGridEncoding:
     """The paper's hash grid (fourdfy.config.HashGridConfig defaults) on n_dims inputs."""
-    from fourdfy.config import HashGridConfig
+    from fourdfy.fields.hashgrid import HashGridConfig
 
     g = HashGridConfig()
     return HashGridEncoding(n_dims, g.n_levels, g.n_features_per_level, g.log2_hashmap_size,
@@ -162,21 +161,15 @@ def bench_encoding(n_points: int, reps: int, warmup: int = 1) -> dict[str, Any]:
 
 def _compose_demo(overrides: list[str]) -> Any:
     """The CPU demo's RunConfig, composed by Hydra exactly as run.py does."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    from fourdfy.config import compose_run_config
 
-    from fourdfy.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["preset=demo_cpu", *overrides])
-    return OmegaConf.to_object(cfg)
+    return compose_run_config(["preset=demo_cpu", *overrides])
 
 
 def bench_renderer(cfg: Any, size: int, reps: int, warmup: int = 1) -> dict[str, Any]:
     """4 views of size² rendered forward + backward on the demo field; the field alone on the same points."""
-    from fourdfy.api import build_field
-    from fourdfy.render.cameras import orbit_cameras
+    from fourdfy.build import build_field
+    from fourdfy.render.trajectories import orbit_cameras
     from fourdfy.render.volume import Renderer
 
     torch.manual_seed(0)
@@ -225,7 +218,7 @@ def _occupancy_case(scene: Any, renderer_cfg: Any, times: Tensor, grad: bool, si
     """One scene rendered (4 orbit views of size², view b at times[b]) with and without the grid."""
     import dataclasses
 
-    from fourdfy.render.cameras import orbit_cameras
+    from fourdfy.render.trajectories import orbit_cameras
     from fourdfy.render.volume import Renderer
     from fourdfy.trainer import TrainerConfig
 
@@ -275,7 +268,7 @@ def _occupancy_case(scene: Any, renderer_cfg: Any, times: Tensor, grad: bool, si
 
 def bench_occupancy(cfg: Any, size: int, reps: int, warmup: int = 1) -> dict[str, Any]:
     """Rays/s with and without the occupancy grid: the demo's toy scene (forward), its field (+ backward)."""
-    from fourdfy.api import build_field
+    from fourdfy.build import build_field
     from fourdfy.synthetic.scenes import get_scene
 
     torch.manual_seed(0)
@@ -292,29 +285,23 @@ def bench_occupancy(cfg: Any, size: int, reps: int, warmup: int = 1) -> dict[str
 
 def bench_iterations(cfg: Any, reps: int) -> dict[str, Any]:
     """Seconds of Trainer.step() per update kind on the CPU demo (synthetic priors)."""
-    from fourdfy.api import build_field, build_guidances
-    from fourdfy.hybrid import HybridSchedule
-    from fourdfy.render.volume import Renderer
-    from fourdfy.trainer import Trainer
+    from fourdfy.build import build_trainer
 
-    torch.manual_seed(cfg.seed)
-    field, background = build_field(cfg.field)
-    guidances = build_guidances(cfg)
     cfg.trainer.progress_bar = False
     with tempfile.TemporaryDirectory(prefix="fourdfy-bench-") as run_dir:
-        trainer = Trainer(cfg.trainer, field, background, Renderer(cfg.renderer), guidances,
-                          HybridSchedule(cfg.schedule), cfg.cameras, cfg.prompt, Path(run_dir), seed=cfg.seed)
+        trainer = build_trainer(cfg, Path(run_dir))
         # First iteration of the stage where each kind occurs: that stage's learning rates and losses.
-        first = {"3d": 0, "img": trainer.schedule.stage_ends[0], "vid": trainer.schedule.stage_ends[1]}
+        ends = trainer.schedule.stage_ends
+        first = {UpdateKind.MULTIVIEW: 0, UpdateKind.IMAGE: ends[0], UpdateKind.VIDEO: ends[1]}
         seconds: dict[str, float] = {}
-        for kind in KINDS:
+        for kind in UPDATE_KINDS:
             trainer.schedule.kind = lambda i, gen, k=kind: k  # type: ignore[method-assign]
 
-            def step(k: str = kind) -> None:
+            def step(k: UpdateKind = kind) -> None:
                 trainer.iteration = first[k]
                 trainer.step()
 
-            seconds[kind] = _median_time(step, 1, reps)
+            seconds[kind.value] = _median_time(step, 1, reps)
     return {
         "seconds": {k: round(v, 4) for k, v in seconds.items()},
         "over_3d": {k: round(v / seconds["3d"], 2) for k, v in seconds.items()},

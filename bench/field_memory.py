@@ -125,8 +125,8 @@ def profiled_memory(run: Callable[[], None]) -> dict[str, int]:
 
 def _build(case: str, chunk: int) -> tuple[Any, Callable[[torch.Tensor, torch.Tensor], Any]]:
     """The paper-size field (seed 0) and the callable that evaluates it under `case`."""
-    from fourdfy.api import build_field
-    from fourdfy.config import FieldConfig
+    from fourdfy.build import build_field
+    from fourdfy.fields.field4d import FieldConfig
 
     torch.manual_seed(0)
     field, _ = build_field(FieldConfig(checkpoint_chunk=chunk if case == "full" else None))

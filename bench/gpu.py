@@ -3,17 +3,24 @@
     python -m bench.gpu --preset paper|lowmem [--iters 3] [--warmup 1] [--no-occupancy] [--n-samples N] [--out FILE]
     python -m bench.gpu --tiny                # the same code path on tiny models (CPU works), for tests
 
-Builds every network of the paper's three priors at full size with random weights — the compute cost does
-not depend on the weight values — from the published configs written below (MVDream's multi-view UNet,
-SD 2.1-base and SD 2.1 (768-v) UNets, Zeroscope v2 576w's UNet3D, their VAEs and CLIP text encoders),
-wraps them in the real guidance classes (`MVDreamGuidance`, `SDVSDGuidance`, `ZeroscopeGuidance`), builds
-the paper-size hash-grid field, and runs `Trainer.step()` with the update kind forced, per kind.
+The run is the one ``python run.py preset=paper`` trains: its config comes from
+``fourdfy.config.compose_run_config(["preset=paper", "device=...", *overrides])`` (``bench_overrides`` lists
+the overrides: ``--tiny`` shrinks the hash tables, samples per ray, occupancy grid and render sizes; ``lowmem``
+sets the priors' memory options; ``--no-occupancy`` and ``--n-samples`` set the renderer) and the trainer from
+``fourdfy.build.build_trainer`` (the paper-size hash-grid field, schedule, sampler and renderer of that
+config). The one thing built here is the priors: every network of the paper's three priors at full size
+with random weights — the compute cost does not depend on the weight values — from the published configs
+written below (MVDream's multi-view UNet, SD 2.1-base and SD 2.1 (768-v) UNets, Zeroscope v2 576w's UNet3D,
+their VAEs and CLIP text encoders), wrapped in the real guidance classes (`MVDreamGuidance`,
+`SDVSDGuidance`, `ZeroscopeGuidance`) with the config's guidance settings and handed to build_trainer.
+`Trainer.step()` is then timed with the update kind forced, per kind.
 
 Rendering skips empty space with the occupancy grid as conf/preset/paper.yaml trains (56³ cells over the
 marching sphere's cube, threshold 0.01). The trainer keeps every cell occupied for its first 256 iterations,
 longer than any bench, so the grid is built once before timing from the random-weight field, whose density
 blob b(x) = 10·(1 − ‖x‖/0.5) makes an object-sized occupancy; the timed iterations are no grid-update
 iterations, and one update is timed apart. ``--no-occupancy`` times dense marching (every sample queried).
+Samples per ray are the preset's (128) unless ``--n-samples`` says otherwise.
 
 Printed JSON, per kind ("3d", "img", "vid"):
 - ``iteration_s``: median seconds of one full training iteration (render, guidance, backward, AdamW, and
@@ -26,14 +33,15 @@ Printed JSON, per kind ("3d", "img", "vid"):
 - ``samples_kept``: the fraction of the renders' samples that reach the field (in occupied cells) over
   that kind's iterations, warm-up included (1.0 with ``--no-occupancy``);
 and at the top level ``field_checkpoint_chunk``: samples per activation-checkpointed chunk of the field
-(``field.checkpoint_chunk``, both presets; the field's activations are recomputed in backward), and
-``occupancy``: the grid's settings, ``occupied_cells`` (fraction of cells occupied) and ``update_s`` (one
-rebuild; the trainer rebuilds every ``occupancy_every`` = 16 iterations), or ``{"grid": false}``.
+(``field.checkpoint_chunk`` of the preset, both presets; the field's activations are recomputed in
+backward), and ``occupancy``: the grid's settings, ``occupied_cells`` (fraction of cells occupied) and
+``update_s`` (one rebuild; the trainer rebuilds every ``occupancy_every`` = 16 iterations), or
+``{"grid": false}``.
 
 Presets: ``paper`` keeps every network on the GPU in fp16 (the authors' half_precision_weights) with the
 full VAE graph; ``lowmem`` offloads each prior's UNet and text encoder to the CPU between calls,
 recomputes VAE-encoder activations in backward and keeps the VAE graph of only 4 of the 16 video frames
-(the memory levers of `fourdfy.guidance.memory`).
+(the memory levers of `fourdfy.guidance.memory`, set through their ``guidance.*`` config keys).
 
 Without CUDA (and without --tiny) it exits with status 2 and a one-line message.
 """
@@ -47,10 +55,15 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from fourdfy.kinds import UPDATE_KINDS, UpdateKind
+
+if TYPE_CHECKING:
+    from fourdfy.config import RunConfig
 
 EXIT_NO_CUDA = 2  # exit status when no CUDA device is available
 
@@ -168,28 +181,55 @@ TINY_MVDREAM_UNET: dict[str, Any] = {
 }
 
 PROMPT = "a panda dancing"  # any prompt: the cost does not depend on it (77 tokens always)
-KINDS = ("3d", "img", "vid")
 # An iteration of each kind's stage, so the schedule's learning rates and regularisers are those of
 # the stage where the kind occurs (stage 1: 3D; stage 2: IMG; stage 3: VID), with the paper's lengths.
 # Neither a stage start nor a multiple of occupancy_every (16), so the trainer does not rebuild the
 # occupancy grid inside the timed step (the rebuild is timed apart). 3D: after MVDream's switch from 64² to
 # 256² renders at step 5000 (render_size_milestones), the size of the other 95% of its steps.
-KIND_ITERATION = {"3d": 5_001, "img": 10_001, "vid": 35_001}
+KIND_ITERATION = {UpdateKind.MULTIVIEW: 5_001, UpdateKind.IMAGE: 10_001, UpdateKind.VIDEO: 35_001}
 LOWMEM_VAE_GRAD_FRAMES = 4  # lowmem preset: video frames whose VAE encoding keeps its graph (bench's choice)
-HASHGRID_CHUNK_CUDA = 1 << 18  # points per hash-grid chunk on the GPU (bounds temporaries to ~0.5 GB)
-# Samples per activation-checkpointed chunk of the field (field.checkpoint_chunk; both presets). Backward
-# recomputes one chunk at a time, a transient of at most ~1.2 KB per sample (CPU profile of the paper
-# field: 305 MiB peak for one 2^18-sample chunk, table gradients included), so <= ~1.2 GB, in place of the
-# 689 B per sample (22.7 GiB at the VID step's 35.4 M samples) kept without it (bench/field_memory.py).
-# 4 hash-grid chunks per field chunk keep launches amortised; 65536 rays x 48 samples = exactly 3 chunks.
-FIELD_CHECKPOINT_CHUNK_CUDA = 1 << 20
+# Points per hash-grid chunk of the torch backend on the GPU (bounds temporaries to ~0.5 GB). Not a config
+# key: HashGridEncoding's default (2^13) is sized for CPU caches, and on a GPU each chunk costs a fixed
+# number of kernel launches, so 2^13-point chunks would spend most of a 35 M-sample VID render launching
+# kernels (~4,300 chunks per pass, forward, recomputation and backward). Set on the built encodings.
+HASHGRID_CHUNK_CUDA = 1 << 18
 FIELD_CHECKPOINT_CHUNK_TINY = 1 << 10  # --tiny: small, so that its few thousand samples span several chunks
-# Occupancy grid cells per side as conf/preset/paper.yaml trains (renderer.occupancy_resolution: 56 ≈ 32·√3,
-# the authors' 32 cells over [-1, 1]³ at the same cell size); radius √3 and threshold 0.01 are
-# RendererConfig's defaults, which that preset keeps.
-OCCUPANCY_RESOLUTION_PAPER = 56
 # --tiny: 16³ cells × 17 times = 70 k field queries per build, not 3 M (seconds on one CPU core, not a minute).
 OCCUPANCY_RESOLUTION_TINY = 16
+# --tiny: 2^12-entry hash tables (the paper's levels and resolutions), 8 samples per ray, and the tiny
+# priors' render sizes (latents 4×4, 8×8, 4 frames of 4×6, as tests/helpers/tiny_models.py).
+TINY_OVERRIDES = [
+    "field.static_grid.log2_hashmap_size=12", "field.dynamic_grid.log2_hashmap_size=12",
+    f"field.checkpoint_chunk={FIELD_CHECKPOINT_CHUNK_TINY}",
+    "renderer.n_samples=8", f"renderer.occupancy_resolution={OCCUPANCY_RESOLUTION_TINY}",
+    "guidance.mvdream.image_size=32", "guidance.mvdream.render_sizes=[32]",
+    "guidance.mvdream.render_size_milestones=[]",
+    "guidance.sd_vsd.render_size=32", "guidance.sd_vsd.image_size=64",
+    "guidance.zeroscope.n_frames=4", "guidance.zeroscope.render_height=16", "guidance.zeroscope.render_width=24",
+    "guidance.zeroscope.image_height=32", "guidance.zeroscope.image_width=48",
+    "trainer.n_frames=4",  # the trainer checks it against the video prior's frames
+]
+PRIOR_KEYS = ("mvdream", "sd_vsd", "zeroscope")  # guidance.<key> of each prior's config
+
+
+def bench_overrides(preset: str, tiny: bool, device: str, occupancy: bool = True,
+                    n_samples: int | None = None) -> list[str]:
+    """The Hydra overrides of the bench's run: ``python run.py <these>`` trains the same run.
+
+    n_samples: samples per ray (None: the preset's; 8 with tiny).
+    """
+    overrides = ["preset=paper", f"device={device}", f"prompt='{PROMPT}'"]
+    if tiny:
+        overrides += TINY_OVERRIDES
+    if preset == "lowmem":
+        overrides += [f"guidance.{key}.{option}=true" for key in PRIOR_KEYS
+                      for option in ("offload", "vae_gradient_checkpointing")]
+        overrides.append(f"guidance.zeroscope.vae_grad_frames={2 if tiny else LOWMEM_VAE_GRAD_FRAMES}")
+    if not occupancy:
+        overrides.append("renderer.occupancy_grid=false")
+    if n_samples is not None:
+        overrides.append(f"renderer.n_samples={n_samples}")
+    return overrides
 
 
 class StubTokenizer:
@@ -221,17 +261,6 @@ class StubTokenizer:
         return {"input_ids": ids[0] if isinstance(text, str) else ids}
 
 
-@dataclass
-class BenchSetup:
-    """What one bench run builds: the priors and the field, with their shapes and sizes."""
-
-    guidances: dict[str, Any]  # update kind -> constructed guidance object
-    field: Any  # Field4D
-    background: Any  # BackgroundMLP
-    renderer_cfg: Any  # RendererConfig (occupancy_grid on unless --no-occupancy)
-    n_params: dict[str, int]  # network name -> parameter count
-
-
 def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -255,31 +284,23 @@ def _timed(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int)
     return times
 
 
-def build(preset: str, tiny: bool, device: torch.device, occupancy: bool = True,
-          n_samples: int | None = None) -> BenchSetup:
-    """Random-weight full-size (or tiny) networks, the three guidance objects and the field.
-
-    occupancy: render with the paper preset's occupancy grid (else dense marching); n_samples: samples per
-    ray (None: RendererConfig's default; 8 with tiny).
-    """
+def build_random_priors(cfg: RunConfig, tiny: bool) -> tuple[dict[UpdateKind, Any], dict[str, int]]:
+    """The three priors with random-weight full-size (or tiny) networks, keyed by update kind, built with
+    the run config's guidance settings (``cfg.guidance.*``, on ``cfg.device``); and the networks'
+    parameter counts."""
     from diffusers import AutoencoderKL, UNet2DConditionModel, UNet3DConditionModel
     from diffusers.utils import logging as diffusers_logging
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from fourdfy.config import FieldConfig
-    from fourdfy.fields.background import BackgroundMLP
-    from fourdfy.fields.field4d import Field4D
-    from fourdfy.fields.hashgrid import HashGridEncoding
-    from fourdfy.guidance.mvdream import MVDreamConfig, MVDreamGuidance, MVDreamModels
+    from fourdfy.guidance.mvdream import MVDreamGuidance, MVDreamModels
     from fourdfy.guidance.noise import scaled_linear_alphas_cumprod
-    from fourdfy.guidance.sd_vsd import SDVSDConfig, SDVSDGuidance, SDVSDModels
-    from fourdfy.guidance.weights import NoiseSchedule
-    from fourdfy.guidance.zeroscope import ZeroscopeConfig, ZeroscopeGuidance, ZeroscopeModels
+    from fourdfy.guidance.sd_vsd import SDVSDGuidance, SDVSDModels
+    from fourdfy.guidance.weights import NoiseSchedule, PredictionType
+    from fourdfy.guidance.zeroscope import ZeroscopeGuidance, ZeroscopeModels
     from fourdfy.models.mvdream_unet import MVDREAM_SD21_BASE_4VIEW_CONFIG, MultiViewUNet
-    from fourdfy.render.volume import RendererConfig
 
     diffusers_logging.set_verbosity_error()  # its "cast with to()" notice is about loading, not us
-    lowmem = preset == "lowmem"
+    device = torch.device(cfg.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32  # authors' half_precision_weights
     unet2d_base = TINY_UNET2D if tiny else SD21_BASE_UNET
     unet2d_v = TINY_UNET2D if tiny else SD21_V_UNET
@@ -299,8 +320,9 @@ def build(preset: str, tiny: bool, device: torch.device, occupancy: bool = True,
     def vae() -> torch.nn.Module:
         return make(lambda: AutoencoderKL(**vae_cfg))
 
-    sd_schedule = NoiseSchedule(scaled_linear_alphas_cumprod(), "epsilon")  # SD 2.1 scheduler_config.json
-    v_schedule = NoiseSchedule(scaled_linear_alphas_cumprod(), "v_prediction")
+    # SD 2.1's scheduler_config.json: ε for 2.1-base and Zeroscope, v for 2.1 (768-v).
+    sd_schedule = NoiseSchedule(scaled_linear_alphas_cumprod(), PredictionType.epsilon)
+    v_schedule = NoiseSchedule(scaled_linear_alphas_cumprod(), PredictionType.v_prediction)
 
     mv_models = MVDreamModels(make(lambda: MultiViewUNet(**mv_cfg)), vae(), StubTokenizer(), text_encoder())
     sd_models = SDVSDModels(
@@ -318,56 +340,36 @@ def build(preset: str, tiny: bool, device: torch.device, occupancy: bool = True,
         "sd21_v_unet": _count(sd_models.unet_lora), "zeroscope_unet3d": _count(zs_models.unet),
         "vae": _count(mv_models.vae), "clip_text_encoder": _count(mv_models.text_encoder),
     }
-
-    memory = {"offload": lowmem, "vae_gradient_checkpointing": lowmem}
-    mv_cfg_g = MVDreamConfig(**memory)
-    sd_cfg_g = SDVSDConfig(**memory)
-    zs_cfg_g = ZeroscopeConfig(vae_grad_frames=LOWMEM_VAE_GRAD_FRAMES if lowmem else None, **memory)
-    if tiny:  # tiny render sizes (latents 4×4, 8×8, 4 frames of 4×6), as tests/tiny_models.py
-        mv_cfg_g.image_size, mv_cfg_g.render_sizes, mv_cfg_g.render_size_milestones = 32, (32,), ()
-        sd_cfg_g.render_size, sd_cfg_g.image_size = 32, 64
-        zs_cfg_g.n_frames, zs_cfg_g.render_height, zs_cfg_g.render_width = 4, 16, 24
-        zs_cfg_g.image_height, zs_cfg_g.image_width = 32, 48
-        zs_cfg_g.vae_grad_frames = 2 if lowmem else None
-    guidances = {
-        "3d": MVDreamGuidance(mv_cfg_g, mv_models, device=device, dtype=dtype),
-        "img": SDVSDGuidance(sd_cfg_g, sd_models, device=device, dtype=dtype),
-        "vid": ZeroscopeGuidance(zs_cfg_g, zs_models, device=device, dtype=dtype),
+    g = cfg.guidance
+    # Seeds as fourdfy.guidance.real.build_real_guidances gives them.
+    guidances: dict[UpdateKind, Any] = {
+        UpdateKind.MULTIVIEW: MVDreamGuidance(g.mvdream, mv_models, device=device, dtype=dtype, seed=cfg.seed + 1),
+        UpdateKind.IMAGE: SDVSDGuidance(g.sd_vsd, sd_models, device=device, dtype=dtype, seed=cfg.seed + 2),
+        UpdateKind.VIDEO: ZeroscopeGuidance(g.zeroscope, zs_models, device=device, dtype=dtype, seed=cfg.seed + 3),
     }
-
-    # The paper's grids (16 levels × 2 features, 2^19 entries, 16 -> 4096) with activation checkpointing.
-    field_cfg = FieldConfig(checkpoint_chunk=FIELD_CHECKPOINT_CHUNK_TINY if tiny else FIELD_CHECKPOINT_CHUNK_CUDA)
-    chunk = HASHGRID_CHUNK_CUDA if device.type == "cuda" else 1 << 13
-
-    def grid(n_dims: int) -> HashGridEncoding:
-        g = field_cfg.static_grid if n_dims == 3 else field_cfg.dynamic_grid
-        log2 = 12 if tiny else g.log2_hashmap_size
-        return HashGridEncoding(n_dims, g.n_levels, g.n_features_per_level, log2, g.base_resolution,
-                                g.per_level_scale, backend=g.backend, chunk_size=chunk)
-
-    field = Field4D(grid(3), grid(4), field_cfg.heads, box_radius=field_cfg.box_radius,
-                    checkpoint_chunk=field_cfg.checkpoint_chunk).to(device)
-    background = BackgroundMLP(field_cfg.background).to(device)
-    if n_samples is None:
-        n_samples = 8 if tiny else RendererConfig().n_samples
-    renderer_cfg = RendererConfig(
-        n_samples=n_samples, occupancy_grid=occupancy,
-        occupancy_resolution=OCCUPANCY_RESOLUTION_TINY if tiny else OCCUPANCY_RESOLUTION_PAPER,
-    )
-    n_params["field"] = _count(field)
-    return BenchSetup(guidances, field, background, renderer_cfg, n_params)
+    return guidances, n_params
 
 
-class _DeviceRenderer:
-    """The renderer with the sampled cameras moved to the field's device, counting the samples queried.
+def set_hashgrid_chunk(field: Any, chunk: int) -> None:
+    """Points per chunk of the field's torch-backend hash grids (see HASHGRID_CHUNK_CUDA; not a config key, so
+    set on the encodings build_field made)."""
+    from fourdfy.fields.hashgrid import HashGridEncoding
 
-    The trainer samples cameras on the CPU (its generator's device) and the renderer renders where the
-    cameras are; this is the one hook the bench needs to run `Trainer.step()` on a GPU. It also counts the
-    samples marched (rays × n_samples) and those passed to the field (the rest fell in empty cells).
+    for encoding in (field.static_encoding, field.dynamic_encoding):
+        if isinstance(encoding, HashGridEncoding):
+            encoding.set_chunk_size(chunk)
+
+
+class _CountingRenderer:
+    """The trainer's renderer, counting the samples marched and those queried.
+
+    Counts the samples marched (rays × n_samples) and those passed to the field (the rest fell in empty
+    cells); everything else is the wrapped renderer's (the trainer moves cameras and times to the field's
+    device itself).
     """
 
-    def __init__(self, renderer: Any, device: torch.device) -> None:
-        self.renderer, self.device = renderer, device
+    def __init__(self, renderer: Any) -> None:
+        self.renderer = renderer
         self.samples_marched = 0
         self.samples_queried = 0
 
@@ -378,14 +380,14 @@ class _DeviceRenderer:
             return field(x, t)
 
         self.samples_marched += len(cameras) * height * width * self.renderer.cfg.n_samples
-        return self.renderer.render(counting, cameras.to(self.device), times, height, width, **kwargs)
+        return self.renderer.render(counting, cameras, times, height, width, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         # Everything else the trainer uses (occupancy grid, state_dict, ...) is the wrapped renderer's.
         return getattr(self.renderer, name)
 
 
-def floor_parts(kind: str, guidance: Any, device: torch.device) -> dict[str, Callable[[], None]]:
+def floor_parts(kind: UpdateKind, guidance: Any, device: torch.device) -> dict[str, Callable[[], None]]:
     """The networks' own passes of one update of `kind`, at the guidance's shapes, as timed callables."""
     from fourdfy.guidance.memory import encode_latents
 
@@ -401,7 +403,7 @@ def floor_parts(kind: str, guidance: Any, device: torch.device) -> dict[str, Cal
             images.grad = None
         return run
 
-    if kind == "3d":
+    if kind == UpdateKind.MULTIVIEW:
         b, s = guidance.n_views, guidance.cfg.image_size
         lat = s // 8
         z = torch.randn(2 * b, 4, lat, lat, device=device, dtype=dtype)
@@ -413,7 +415,7 @@ def floor_parts(kind: str, guidance: Any, device: torch.device) -> dict[str, Cal
         def unet() -> None:
             guidance.unet(z, t, ctx, cam, b)
         return {"unet_cfg_forward": unet, "vae_encode_fwd_bwd": vae_fwd_bwd((b, 3, s, s))}
-    if kind == "img":
+    if kind == UpdateKind.IMAGE:
         s = guidance.cfg.image_size
         lat = s // 8
         z = torch.randn(2, 4, lat, lat, device=device, dtype=dtype)
@@ -433,7 +435,7 @@ def floor_parts(kind: str, guidance: Any, device: torch.device) -> dict[str, Cal
             guidance.optimizer.zero_grad(set_to_none=True)
         return {"unet_cfg_forward_pretrained_and_lora": unets, "lora_finetune_fwd_bwd": lora_train,
                 "vae_encode_fwd_bwd": vae_fwd_bwd((1, 3, s, s))}
-    if kind == "vid":
+    if kind == UpdateKind.VIDEO:
         c = guidance.cfg
         z = torch.randn(2, 4, c.n_frames, c.image_height // 8, c.image_width // 8, device=device, dtype=dtype)
         t = torch.full((2,), 500, device=device)
@@ -453,17 +455,15 @@ def floor_parts(kind: str, guidance: Any, device: torch.device) -> dict[str, Cal
                 encode_latents(guidance.vae, images, gen)
             parts["vae_encode_forward_no_grad"] = vae_rest
         return parts
-    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    raise ValueError(f"kind must be one of {[str(k) for k in UPDATE_KINDS]}, got {kind!r}")
 
 
-def build_occupancy(renderer: Any, field: Any, device: torch.device, iters: int) -> dict[str, Any]:
+def build_occupancy(renderer: Any, field: Any, device: torch.device, times: torch.Tensor,
+                    iters: int) -> dict[str, Any]:
     """Build the renderer's occupancy grid from the field (as the trainer's first update would) and time a
-    rebuild; the JSON entry. The grid covers the 17 times the trainer probes (TrainerConfig.occupancy_times:
+    rebuild; the JSON entry. times: the times the trainer probes (trainer.occupancy_times over [0, 1]:
     frame times 1/16 apart and t = 1)."""
-    from fourdfy.trainer import TrainerConfig
-
     cfg = renderer.cfg
-    times = torch.linspace(0.0, 1.0, TrainerConfig().occupancy_times)
 
     def update() -> None:
         renderer.update_occupancy(field, times, device=device)
@@ -476,47 +476,47 @@ def build_occupancy(renderer: Any, field: Any, device: torch.device, iters: int)
     }
 
 
-def run_bench(preset: str, tiny: bool, iters: int, warmup: int, kinds: tuple[str, ...],
+def run_bench(preset: str, tiny: bool, iters: int, warmup: int, kinds: tuple[UpdateKind, ...],
               occupancy: bool = True, n_samples: int | None = None) -> dict[str, Any]:
     """Build everything, time each kind's iteration and floor; the JSON-ready result.
 
     occupancy: march with the occupancy grid (built once, before timing), else densely; n_samples: samples
-    per ray (None: RendererConfig's default).
+    per ray (None: the preset's).
     """
-    from fourdfy.hybrid import HybridSchedule, ScheduleConfig
-    from fourdfy.render.cameras import CameraSamplingConfig
-    from fourdfy.render.volume import Renderer
-    from fourdfy.trainer import Trainer, TrainerConfig
+    from fourdfy.build import build_trainer
+    from fourdfy.config import compose_run_config
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
-    setup = build(preset, tiny, device, occupancy, n_samples)
+    cfg = compose_run_config(bench_overrides(preset, tiny, device.type, occupancy, n_samples))
+    guidances, n_params = build_random_priors(cfg, tiny)
+    with tempfile.TemporaryDirectory(prefix="fourdfy-bench-") as run_dir:  # build_trainer writes nothing there
+        trainer = build_trainer(cfg, Path(run_dir), guidances=guidances)
+    if device.type == "cuda":
+        set_hashgrid_chunk(trainer.field, HASHGRID_CHUNK_CUDA)
+    renderer = _CountingRenderer(trainer.renderer)
+    trainer.renderer = renderer  # type: ignore[assignment]
+    n_params["field"] = _count(trainer.field)
     _sync(device)
     result: dict[str, Any] = {
         "preset": preset, "tiny": tiny, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
         else "cpu", "torch": torch.__version__, "iters": iters, "warmup": warmup,
-        "n_samples_per_ray": setup.renderer_cfg.n_samples, "n_params": setup.n_params,
-        "field_checkpoint_chunk": setup.field.checkpoint_chunk,
+        "n_samples_per_ray": cfg.renderer.n_samples, "n_params": n_params,
+        "field_checkpoint_chunk": trainer.field.checkpoint_chunk,
         "build_s": round(time.perf_counter() - t0, 2), "kinds": {},
     }
-    renderer = _DeviceRenderer(Renderer(setup.renderer_cfg), device)
-    result["occupancy"] = (build_occupancy(renderer.renderer, setup.field, device, iters) if occupancy
-                           else {"grid": False})
+    occupancy_times = torch.linspace(0.0, 1.0, cfg.trainer.occupancy_times)
+    result["occupancy"] = (build_occupancy(renderer.renderer, trainer.field, device, occupancy_times, iters)
+                           if occupancy else {"grid": False})
     grid_before = renderer.renderer.occupancy.occupied if occupancy else None
-    trainer = Trainer(
-        TrainerConfig(n_frames=setup.guidances["vid"].n_frames, progress_bar=False),
-        setup.field, setup.background, renderer,  # type: ignore[arg-type]
-        setup.guidances, HybridSchedule(ScheduleConfig()), CameraSamplingConfig(), PROMPT,
-        tempfile.mkdtemp(prefix="fourdfy-bench-"), seed=0,
-    )
     for kind in kinds:
-        guidance = setup.guidances[kind]
+        guidance = trainer.guidances[kind]
         size = guidance.render_size(KIND_ITERATION[kind])
         entry: dict[str, Any] = {"n_views": guidance.n_views, "render_size": list(size)}
         try:
             trainer.schedule.kind = lambda i, gen, k=kind: k  # type: ignore[method-assign]
 
-            def step(k: str = kind) -> None:
+            def step(k: UpdateKind = kind) -> None:
                 trainer.iteration = KIND_ITERATION[k]
                 trainer.step()
             if device.type == "cuda":
@@ -537,7 +537,7 @@ def run_bench(preset: str, tiny: bool, iters: int, warmup: int, kinds: tuple[str
             parts: dict[str, float] = {}
             for name, fn in floor_parts(kind, guidance, device).items():
                 nets = [guidance.unet, guidance.text.text_encoder] + (
-                    [guidance.unet_lora] if kind == "img" and not guidance.shared else [])
+                    [guidance.unet_lora] if kind == UpdateKind.IMAGE and not guidance.shared else [])
                 with guidance.placement.active(*nets):  # lowmem: compute only, the transfers are overhead
                     parts[name] = statistics.median(_timed(fn, device, 1, iters))
             entry["floor_parts_s"] = {k: round(v, 4) for k, v in parts.items()}
@@ -550,7 +550,7 @@ def run_bench(preset: str, tiny: bool, iters: int, warmup: int, kinds: tuple[str
             torch.cuda.empty_cache()
         except Exception as err:  # noqa: BLE001 - one kind failing must not lose the others' numbers
             entry["error"] = f"{type(err).__name__}: {err}"
-        result["kinds"][kind] = entry
+        result["kinds"][kind.value] = entry
         print(f"[bench.gpu] {kind}: {json.dumps(entry)}", file=sys.stderr, flush=True)
     if device.type == "cuda":
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
@@ -565,16 +565,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny networks (checks the logic; CPU works)")
     parser.add_argument("--iters", type=int, default=3, help="timed iterations per kind (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations per kind first")
-    parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated update kinds to time")
+    parser.add_argument("--kinds", default=",".join(UPDATE_KINDS), help="comma-separated update kinds to time")
     parser.add_argument("--no-occupancy", action="store_true",
                         help="march densely (every sample queried) instead of with the paper preset's grid")
     parser.add_argument("--n-samples", type=int, default=None,
-                        help="samples per ray (default: RendererConfig's 48; conf/preset/paper.yaml trains 128)")
+                        help="samples per ray (default: conf/preset/paper.yaml's renderer.n_samples, 128)")
     parser.add_argument("--out", default=None, help="also write the JSON to this file")
     args = parser.parse_args(argv)
-    kinds = tuple(k for k in args.kinds.split(",") if k)
-    if not kinds or any(k not in KINDS for k in kinds):
-        parser.error(f"--kinds must be a comma-separated subset of {','.join(KINDS)}, got {args.kinds!r}")
+    names = tuple(k for k in args.kinds.split(",") if k)
+    if not names or any(k not in UPDATE_KINDS for k in names):
+        parser.error(f"--kinds must be a comma-separated subset of {','.join(UPDATE_KINDS)}, got {args.kinds!r}")
+    kinds = tuple(UpdateKind(k) for k in names)
     if args.iters < 1 or args.warmup < 0:
         parser.error(f"--iters must be >= 1 and --warmup >= 0, got {args.iters} and {args.warmup}")
     if args.n_samples is not None and args.n_samples < 1:

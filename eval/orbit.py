@@ -1,15 +1,12 @@
 """Render a run's checkpoint along the paper's evaluation cameras.
 
-Two trajectories, both at the evaluation camera (elevation 15°, distance 3.0, FoV 40°, 256²;
-REFERENCE.md §Rendering, authors' `eval_camera_distance: 3.0`, `eval_fovy_deg: 40.`, `eval_height: 256`):
+Two trajectories (fourdfy/render/trajectories.py), both at the evaluation camera ``EVAL_CAMERA``, 256²
+(the authors' `eval_height: 256`, `eval_width: 256`):
 
-- ``orbit`` (paper §4.1, "the same camera trajectory as MAV3D, i.e. moving around the scene in azimuth
-  with a fixed elevation angle"): ``n_frames`` azimuths 360°/n apart; time advances from 0 to 1 along it.
-- ``authors``: the official evaluation video (sherwinbahmani/4dfy, threestudio/data/uncond.py with
-  ``test_traj: motion_smooth``, ``num_frames: 16``, ``num_frames_factor: 4``): with T = 64 time steps,
-  four loops, each holding one azimuth for T/4 = 16 views and then rotating 90° over T/4 − 1 = 15 views
-  (azimuth 360° → 270° → 180° → 90° → 0°), 2T − 4 = 124 views in all; view k is rendered at time
-  ``linspace(0, 1, T)[:T − 2][k mod (T − 2)]``.
+- ``orbit`` (:func:`orbit_path`, paper §4.1, MAV3D's orbit): ``n_frames`` azimuths 360°/n apart; time
+  advances from 0 to 1 along it.
+- ``authors`` (:func:`authors_path`): the official 124-view evaluation video (sherwinbahmani/4dfy,
+  threestudio/data/uncond.py, ``test_traj: motion_smooth``).
 
     python -m eval.orbit RUN_DIR [--trajectory orbit|authors] [--frames N] [--size S] [--out FILE]
 
@@ -28,15 +25,13 @@ import torch
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
-from fourdfy.api import load_run
+from fourdfy.build import load_run
 from fourdfy.config import RunConfig
 from fourdfy.export.video import write_video
-from fourdfy.render.cameras import Cameras, cameras_from_spherical, orbit_cameras
+from fourdfy.render.cameras import Cameras
+from fourdfy.render.trajectories import EVAL_CAMERA, EvalCamera, authors_path, orbit_path
+from fourdfy.render.views import WHITE, render_views
 from fourdfy.render.volume import Renderer, RendererConfig
-
-# The authors' test trajectory has 4 loops (uncond.py `num_test_loop_static: 4`); its view count 2T − 4
-# and hold length T/4 follow from `n_views = num_frames * 2`, `n_views_azimuth = n_views // 8`.
-AUTHORS_LOOPS = 4
 
 
 @dataclass
@@ -47,9 +42,9 @@ class OrbitConfig:
     n_frames: int = 120  # frames of the "orbit" trajectory (threestudio's n_test_views default: 120)
     authors_time_steps: int = 64  # T of the "authors" trajectory: num_frames 16 × num_frames_factor 4
     size: int = 256  # render height = width (authors' eval_height/eval_width: 256; paper 256²)
-    elevation_deg: float = 15.0  # eval_elevation_deg: 15 (threestudio default, kept by the authors)
-    distance: float = 3.0  # eval_camera_distance: 3.0 (authors' stage configs)
-    fovy_deg: float = 40.0  # eval_fovy_deg: 40 (authors' stage configs)
+    elevation_deg: float = EVAL_CAMERA.elevation_deg  # the evaluation camera (render/trajectories.py)
+    distance: float = EVAL_CAMERA.distance
+    fovy_deg: float = EVAL_CAMERA.fovy_deg
     n_samples: int | None = None  # samples per ray; None: the run's eval.n_samples
     learned_background: bool = False  # False: white, as renders/ and the toy ground truth; True: the run's
     chunk: int = 4  # views per render call (bounds memory: chunk·size² rays)
@@ -73,6 +68,10 @@ class OrbitConfig:
         if self.fps < 1:
             raise ValueError(f"OrbitConfig.fps must be >= 1, got {self.fps}")
 
+    @property
+    def camera(self) -> EvalCamera:
+        return EvalCamera(self.elevation_deg, self.distance, self.fovy_deg)
+
 
 @dataclass
 class OrbitRender:
@@ -86,37 +85,9 @@ class OrbitRender:
     iteration: int  # training iteration of the checkpoint rendered
 
 
-def orbit_trajectory(n_frames: int, elevation_deg: float = 15.0, distance: float = 3.0,
-                     fovy_deg: float = 40.0) -> tuple[Cameras, torch.Tensor]:
-    """MAV3D's orbit: azimuth k·360°/n, time k/(n − 1) (0 → 1 along the orbit). Returns (cameras, times [n])."""
-    cameras = orbit_cameras(n_frames, elevation=elevation_deg, distance=distance, fovy_deg=fovy_deg)
-    return cameras, torch.linspace(0.0, 1.0, n_frames)
-
-
-def authors_trajectory(time_steps: int = 64, elevation_deg: float = 15.0, distance: float = 3.0,
-                       fovy_deg: float = 40.0) -> tuple[Cameras, torch.Tensor]:
-    """The official evaluation video (uncond.py, test_traj 'motion_smooth'). Returns (cameras, times [2T − 4]).
-
-    Loop i (0..3) starts at azimuth (4 − i)·90°, holds it for T/4 views, then rotates to (3 − i)·90° over
-    linspace(start, end, T/4)[1:] (T/4 − 1 views). Times: linspace(0, 1, T)[:T − 2], repeated twice.
-    """
-    if time_steps < 8 or time_steps % 4:
-        raise ValueError(f"time_steps must be a multiple of 4 and >= 8, got {time_steps}")
-    hold = time_steps // 4
-    azimuths = []
-    for i in range(AUTHORS_LOOPS):
-        start, end = (AUTHORS_LOOPS - i) * 90.0, (AUTHORS_LOOPS - i - 1) * 90.0
-        azimuths.append(torch.full((hold,), start, dtype=torch.float64))
-        azimuths.append(torch.linspace(start, end, hold, dtype=torch.float64)[1:])
-    azimuth = torch.cat(azimuths)
-    n_views = azimuth.shape[0]  # 2T − 4
-    times = torch.linspace(0.0, 1.0, time_steps)[: time_steps - 2].repeat(2)[:n_views]
-    return cameras_from_spherical(elevation_deg, azimuth, distance, fovy_deg), times
-
-
 TRAJECTORIES: dict[str, Callable[[OrbitConfig], tuple[Cameras, torch.Tensor]]] = {
-    "orbit": lambda c: orbit_trajectory(c.n_frames, c.elevation_deg, c.distance, c.fovy_deg),
-    "authors": lambda c: authors_trajectory(c.authors_time_steps, c.elevation_deg, c.distance, c.fovy_deg),
+    "orbit": lambda c: orbit_path(c.n_frames, camera=c.camera),
+    "authors": lambda c: authors_path(c.authors_time_steps, camera=c.camera),
 }
 
 
@@ -124,27 +95,6 @@ def trajectory(cfg: OrbitConfig) -> tuple[Cameras, torch.Tensor]:
     """Cameras and times [N] of ``cfg.trajectory``."""
     cfg.validate()
     return TRAJECTORIES[cfg.trajectory](cfg)
-
-
-@torch.no_grad()
-def render_trajectory(
-    field: nn.Module, renderer: Renderer, cameras: Cameras, times: torch.Tensor, size: int,
-    background: torch.Tensor | nn.Module, chunk: int = 4,
-) -> dict[str, torch.Tensor]:
-    """Render view k at times[k], deterministically (no jitter).
-
-    Returns dict(rgb [N, size, size, 3], depth [N, size, size] = expected surface distance, opacity [N, size, size]).
-    """
-    if times.shape != (len(cameras),):
-        raise ValueError(f"times must be [N]=[{len(cameras)}] (one per camera), got {tuple(times.shape)}")
-    parts: dict[str, list[torch.Tensor]] = {"rgb": [], "depth": [], "opacity": []}
-    for i in range(0, len(cameras), chunk):
-        out = renderer.render(field, cameras[i : i + chunk], times[i : i + chunk], size, size,
-                              background=background, train=False)
-        parts["rgb"].append(out["rgb"])
-        parts["depth"].append(out["depth_normalized"])
-        parts["opacity"].append(out["opacity"])
-    return {k: torch.cat(v) for k, v in parts.items()}
 
 
 def load_run_checked(run_dir: Path) -> tuple[RunConfig, nn.Module, nn.Module, int]:
@@ -173,8 +123,8 @@ def render_run(run_dir: Path, cfg: OrbitConfig | None = None) -> OrbitRender:
     run_cfg, field, background, iteration = load_run_checked(run_dir)
     n_samples = cfg.n_samples if cfg.n_samples is not None else run_cfg.eval.n_samples
     renderer = Renderer(RendererConfig(n_samples=n_samples, radius=run_cfg.renderer.radius))
-    bg: torch.Tensor | nn.Module = background.eval() if cfg.learned_background else torch.ones(3)
-    out = render_trajectory(field, renderer, cameras, times, cfg.size, bg, cfg.chunk)
+    bg: torch.Tensor | nn.Module = background.eval() if cfg.learned_background else WHITE
+    out = render_views(field, renderer, cameras, times, cfg.size, bg, cfg.chunk)
     return OrbitRender(out["rgb"], out["depth"], out["opacity"], cameras, times, iteration)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import re
 import warnings
 from pathlib import Path
@@ -18,16 +17,9 @@ from typing import Any
 
 import torch
 
+from fourdfy.atomic import fsync_dir, stale_temporaries, write_bytes_atomic
+
 _NAME = re.compile(r"^ckpt_(\d{9})\.pt$")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint(directory: Path, iteration: int, state: dict[str, Any], keep: int = 3) -> Path:
@@ -38,17 +30,11 @@ def save_checkpoint(directory: Path, iteration: int, state: dict[str, Any], keep
     torch.save(state, buffer)
     data = buffer.getvalue()
     path = directory / f"ckpt_{iteration:09d}.pt"
-    _atomic_write(path, data)
-    _atomic_write(path.with_name(path.name + ".sha256"), hashlib.sha256(data).hexdigest().encode())
-    # Make the renames durable before anything older is deleted.
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    for stale in directory.glob(".ckpt_*.tmp-*"):  # left by a writer killed mid-write
-        if not stale.name.endswith(f"-{os.getpid()}"):
-            stale.unlink(missing_ok=True)
+    write_bytes_atomic(path, data, durable=True)
+    write_bytes_atomic(path.with_name(path.name + ".sha256"), hashlib.sha256(data).hexdigest().encode(), durable=True)
+    fsync_dir(directory)  # the renames are durable before anything older is deleted
+    for stale in stale_temporaries(directory, "ckpt_*"):  # left by a writer killed mid-write
+        stale.unlink(missing_ok=True)
     for old in list_checkpoints(directory)[:-keep]:
         old.unlink(missing_ok=True)
         old.with_name(old.name + ".sha256").unlink(missing_ok=True)

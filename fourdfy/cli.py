@@ -62,7 +62,8 @@ def _device(requested: str) -> torch.device:
 
 def export(args: argparse.Namespace) -> list[Path]:
     """Carry out ``fourdfy export``; returns the files written."""
-    from fourdfy.api import load_run, load_run_config
+    from fourdfy.build import load_run
+    from fourdfy.config import load_run_config
     from fourdfy.export.curves import LOG_FILE, write_curves
     from fourdfy.export.outputs import eval_renderer, export_grid, export_meshes, export_videos
 

@@ -7,63 +7,38 @@ or the authors' number, with its source next to it; presets (conf/preset/) scale
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from dataclasses import field as dc_field
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
-from fourdfy.fields.background import BackgroundConfig
-from fourdfy.fields.dense import DenseGridConfig
-from fourdfy.fields.field4d import HeadsConfig
-from fourdfy.fields.hexplane import HexPlaneConfig
+from fourdfy.enums import StrChoice
+from fourdfy.fields.field4d import FieldConfig
 from fourdfy.guidance.configs import MVDreamConfig, SDVSDConfig, ZeroscopeConfig
 from fourdfy.hybrid import ScheduleConfig
 from fourdfy.render.cameras import CameraSamplingConfig
 from fourdfy.render.volume import RendererConfig
+from fourdfy.rundir import CONFIG_FILE
 from fourdfy.synthetic.priors import SyntheticPriorsConfig
 from fourdfy.tracking import LoggerConfig
 from fourdfy.trainer import TrainerConfig
 
 
-@dataclass
-class HashGridConfig:
-    """A multiresolution hash grid (REFERENCE.md §Representation; authors' pos_encoding_config)."""
+class GuidanceBackend(StrChoice):
+    """Which priors drive the optimisation."""
 
-    n_levels: int = 16  # n_levels: 16
-    n_features_per_level: int = 2  # n_features_per_level: 2
-    log2_hashmap_size: int = 19  # log2_hashmap_size: 19
-    base_resolution: int = 16  # base_resolution: 16
-    per_level_scale: float = 1.447269237440378  # per_level_scale: finest level 4096
-    backend: str = "torch"  # "torch" (reference, default) or "tcnn" (tiny-cuda-nn, CUDA only)
-
-
-@dataclass
-class FieldConfig:
-    """The 4D field: which encodings, the heads, the background."""
-
-    kind: str = "hashgrid"  # "hashgrid" (the paper), "hexplane" (Table-2 ablation), "dense" (CPU fast path)
-    static_grid: HashGridConfig = dc_field(default_factory=HashGridConfig)  # 3D grid of x
-    dynamic_grid: HashGridConfig = dc_field(default_factory=HashGridConfig)  # 4D grid of (x, t)
-    hexplane: HexPlaneConfig = dc_field(default_factory=HexPlaneConfig)  # used when kind = hexplane
-    dense: DenseGridConfig = dc_field(default_factory=DenseGridConfig)  # used when kind = dense
-    heads: HeadsConfig = dc_field(default_factory=HeadsConfig)
-    background: BackgroundConfig = dc_field(default_factory=BackgroundConfig)
-    box_radius: float = 1.0  # scene box [-1, 1]^3 (authors' geometry.radius: 1.0)
-    checkpoint_chunk: int | None = None  # samples per recomputed-in-backward chunk (keeps only x, t); None = off
-
-    def __post_init__(self) -> None:
-        if self.checkpoint_chunk is not None and self.checkpoint_chunk < 1:
-            raise ValueError(
-                f"field.checkpoint_chunk must be >= 1 (samples per recomputed chunk) or null (off), "
-                f"got {self.checkpoint_chunk}"
-            )
+    synthetic = "synthetic"  # the toy world's closed-form priors (fourdfy/synthetic/priors.py): CPU, ground truth
+    real = "real"  # MVDream, Stable Diffusion 2.1 (VSD) and Zeroscope (fourdfy/guidance/)
 
 
 @dataclass
 class GuidanceConfig:
     """Which priors drive the optimisation."""
 
-    backend: str = "synthetic"  # "synthetic" (toy world, CPU) or "real" (MVDream, SD 2.1, Zeroscope)
+    backend: GuidanceBackend = GuidanceBackend.synthetic  # synthetic (toy world, CPU) or real (MVDream, SD, Zeroscope)
     synthetic: SyntheticPriorsConfig = dc_field(default_factory=SyntheticPriorsConfig)
     mvdream: MVDreamConfig = dc_field(default_factory=MVDreamConfig)  # 3D prior (real backend)
     sd_vsd: SDVSDConfig = dc_field(default_factory=SDVSDConfig)  # image prior with VSD (real backend)
@@ -83,7 +58,7 @@ class EvalConfig:
 
     orbit_views: int = 8  # azimuths of the evaluation orbit (toy-world metrics)
     times: list[float] = dc_field(default_factory=lambda: [0.0, 0.5, 1.0])  # times evaluated
-    size: int = 32  # evaluation render size (toy); 256 in the paper (REFERENCE.md §Rendering)
+    size: int = 32  # evaluation render size (toy); 256 in the paper (authors' data.eval_height/eval_width: 256)
     video_frames: int = 48  # frames of the orbit video (time advancing along the orbit)
     video_size: int = 128  # orbit video resolution
     grid_views: int = 4  # rows of the views×time grid (paper Fig. 1)
@@ -103,6 +78,13 @@ class EvalConfig:
     mesh_formats: list[str] = dc_field(default_factory=lambda: ["ply"])  # per-frame files: "ply" and/or "obj"
     mesh_on_finish: bool = False  # also mesh at the end of a run (off: CPU demo stays fast; `fourdfy export`)
 
+    def validate(self) -> None:
+        """Raise ValueError naming the key for a value out of range."""
+        for key in ("orbit_views", "size", "video_frames", "video_size", "grid_views", "grid_times", "fps",
+                    "n_samples"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"eval.{key} must be >= 1, got {getattr(self, key)}")
+
 
 @dataclass
 class RunConfig:
@@ -121,7 +103,62 @@ class RunConfig:
     logger: LoggerConfig = dc_field(default_factory=LoggerConfig)
     eval: EvalConfig = dc_field(default_factory=EvalConfig)
 
+    def validate(self) -> None:
+        """Check every part before any work; each error names its key (``schedule.p_3d``) and the fix.
+
+        Choices (field.kind, guidance.backend, ...) are enums, rejected at compose time already; this checks
+        ranges and the settings that must agree across parts.
+        """
+        self.field.validate()
+        self.renderer.validate()
+        self.cameras.validate()
+        self.schedule.validate()
+        self.trainer.validate()
+        self.eval.validate()
+        if self.guidance.backend is GuidanceBackend.synthetic:
+            self.guidance.synthetic.validate()
+        else:
+            self.guidance.mvdream.validate()
+            self.guidance.sd_vsd.validate()
+            self.guidance.zeroscope.validate()
+
+
+def slug(text: str) -> str:
+    """A prompt as a folder name: lower case, words joined by '_' ("a panda dancing" -> "a_panda_dancing")."""
+    return re.sub(r"[^a-z0-9]+", "_", str(text).lower()).strip("_")[:120] or "prompt"
+
+
+# The Hydra config tree that run.py composes from (conf/ beside this package in the repository).
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
 
 def register_configs() -> None:
-    """Register the schema so conf/config.yaml can extend it (`- run_schema` in its defaults)."""
+    """Register the schema (conf/config.yaml extends it: `- run_schema` in its defaults) and the `slug`
+    resolver its run directories use. Idempotent; run.py and tests call it before composing."""
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    if not OmegaConf.has_resolver("slug"):
+        OmegaConf.register_new_resolver("slug", slug)
+
+
+def compose_config(overrides: list[str], config_dir: Path = CONF_DIR, with_hydra: bool = False) -> DictConfig:
+    """The config ``python run.py <overrides>`` composes, as a DictConfig (``with_hydra``: with the ``hydra``
+    node, e.g. to read the launcher or sweeper settings)."""
+    from hydra import compose, initialize_config_dir  # Hydra's compose API: only tools and tests need it
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=with_hydra)
+
+
+def compose_run_config(overrides: list[str], config_dir: Path = CONF_DIR) -> RunConfig:
+    """The RunConfig that ``python run.py <overrides>`` would run."""
+    return OmegaConf.to_object(compose_config(overrides, config_dir))
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    """The RunConfig saved in ``run_dir/config.yaml`` (validated against the current schema)."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: {run_dir} is not a fourdfy run directory")
+    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path))
+    return OmegaConf.to_object(merged)

@@ -16,12 +16,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-KINDS = ("3d", "img", "vid")
+from fourdfy.clock import LinearRamp
+from fourdfy.kinds import UPDATE_KINDS, ParamGroup, UpdateKind
+
+MULTIVIEW, IMAGE, VIDEO = UpdateKind.MULTIVIEW, UpdateKind.IMAGE, UpdateKind.VIDEO
 
 
 @dataclass
 class ScheduleConfig:
-    """The hybrid SDS schedule (REFERENCE.md §Hybrid schedule)."""
+    """The hybrid SDS schedule (paper §4 Algorithm 1 and §5; the authors' configs/fourdfy_stage_{1,2,3}.yaml)."""
 
     stage_lengths: list[int] = field(default_factory=lambda: [10000, 25000, 100000])  # code; paper: 10k/10k/100k
     p_3d: float = 0.5  # P_3D, probability of a 3D-aware update (paper Alg. 1)
@@ -82,48 +85,48 @@ class HybridSchedule:
                 return stage
         raise ValueError(f"iteration {iteration} is past the schedule's end ({self.total_iterations})")
 
-    def probabilities(self, stage: int) -> dict[str, float]:
+    def probabilities(self, stage: int) -> dict[UpdateKind, float]:
         """P(kind) in a stage."""
         p3, pi = self.cfg.p_3d, self.cfg.p_img
         if stage == 1:
-            return {"3d": 1.0, "img": 0.0, "vid": 0.0} if p3 > 0 else {"3d": 0.0, "img": 1.0, "vid": 0.0}
+            return {MULTIVIEW: 1.0, IMAGE: 0.0, VIDEO: 0.0} if p3 > 0 else {MULTIVIEW: 0.0, IMAGE: 1.0, VIDEO: 0.0}
         if stage == 2:
             if pi == 0:  # no image prior: stage 2 is 3D only
-                return {"3d": 1.0, "img": 0.0, "vid": 0.0}
-            return {"3d": p3, "img": 1.0 - p3, "vid": 0.0}
+                return {MULTIVIEW: 1.0, IMAGE: 0.0, VIDEO: 0.0}
+            return {MULTIVIEW: p3, IMAGE: 1.0 - p3, VIDEO: 0.0}
         if self.cfg.stage3_video_only:
-            return {"3d": 0.0, "img": 0.0, "vid": 1.0}
-        return {"3d": p3, "img": (1.0 - p3) * pi, "vid": (1.0 - p3) * (1.0 - pi)}
+            return {MULTIVIEW: 0.0, IMAGE: 0.0, VIDEO: 1.0}
+        return {MULTIVIEW: p3, IMAGE: (1.0 - p3) * pi, VIDEO: (1.0 - p3) * (1.0 - pi)}
 
-    def kind(self, iteration: int, generator: torch.Generator) -> str:
+    def kinds_used(self) -> set[UpdateKind]:
+        """The update kinds drawn with a positive probability in some stage that has iterations."""
+        return {kind for stage in (1, 2, 3) if self.stage_lengths[stage - 1] > 0
+                for kind, p in self.probabilities(stage).items() if p > 0}
+
+    def kind(self, iteration: int, generator: torch.Generator) -> UpdateKind:
         """Draw this iteration's update kind. Always consumes exactly one number from ``generator``."""
         u = float(torch.rand((), generator=generator))
         probs = self.probabilities(self.stage(iteration))
         cumulative = 0.0
-        for kind in KINDS:
+        for kind in UPDATE_KINDS:
             cumulative += probs[kind]
             if u < cumulative:
                 return kind
-        return next(k for k in reversed(KINDS) if probs[k] > 0)  # u ≈ 1 with rounding
+        return next(k for k in reversed(UPDATE_KINDS) if probs[k] > 0)  # u ≈ 1 with rounding
 
     @staticmethod
-    def trainable(kind: str) -> dict[str, bool]:
+    def trainable(kind: UpdateKind) -> dict[ParamGroup, bool]:
         """Which parameter groups an update of this kind trains: the dynamic grid only on VID."""
-        if kind not in KINDS:
-            raise ValueError(f"unknown update kind {kind!r}; expected one of {KINDS}")
-        return {"static": True, "dynamic": kind == "vid", "heads": True}
+        kind = UpdateKind(kind)  # ValueError naming the valid kinds for anything else
+        return {ParamGroup.STATIC: True, ParamGroup.DYNAMIC: kind is VIDEO, ParamGroup.HEADS: True}
 
-    def lr(self, iteration: int) -> dict[str, float]:
+    def lr(self, iteration: int) -> dict[ParamGroup, float]:
         """Learning rate per parameter group."""
         static = self.cfg.lr_static_stage3 if self.stage(iteration) == 3 else self.cfg.lr_static
-        return {"static": static, "dynamic": self.cfg.lr_dynamic, "heads": self.cfg.lr_heads}
+        return {ParamGroup.STATIC: static, ParamGroup.DYNAMIC: self.cfg.lr_dynamic, ParamGroup.HEADS: self.cfg.lr_heads}
 
-    def blob_std(self, iteration: int, start: float) -> float:
-        """Density-blob std: ``start`` until stage 3, then linear towards blob_std_stage3_end."""
-        into_stage3 = iteration - self.stage_ends[1]
-        if into_stage3 <= 0:
-            return start
-        if self.cfg.blob_anneal_steps == 0:
-            return self.cfg.blob_std_stage3_end
-        frac = min(1.0, into_stage3 / self.cfg.blob_anneal_steps)
-        return start + frac * (self.cfg.blob_std_stage3_end - start)
+    def blob_std_ramp(self, start: float) -> LinearRamp:
+        """Density-blob std: ``start`` (field.heads.blob_std) until stage 3, then linear to blob_std_stage3_end
+        over blob_anneal_steps (authors' stage-3 config: geometry.density_blob_std ramp)."""
+        return LinearRamp(start_value=start, end_value=self.cfg.blob_std_stage3_end,
+                          start_iteration=self.stage_ends[1], n_steps=self.cfg.blob_anneal_steps)

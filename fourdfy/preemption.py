@@ -1,6 +1,7 @@
 """Checkpoint when the cluster warns that the job is about to stop, then let it stop as it would have.
 
-SLURM sends SIGUSR2 ``signal_delay_s`` (submitit's default: 90 s) before a job's time limit. In the job
+SLURM sends SIGUSR2 ``signal_delay_s`` before a job's time limit (120 s in conf/hydra/launcher/slurm.yaml, the
+default of hydra-submitit-launcher; submitit's own executor defaults to 90 s). In the job
 process submitit has installed its own SIGUSR2 handler, which requeues the job and exits at once; the
 requeued run then resumes from its newest periodic checkpoint and redoes up to ``trainer.checkpoint_every``
 iterations. ``checkpoint_on_signal`` puts a handler in front of the installed one that only raises a flag:

@@ -9,16 +9,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from fourdfy.atomic import write_json_atomic
+from fourdfy.enums import StrChoice
+
+
+class LoggerKind(StrChoice):
+    """Where metrics go besides the run's own log.jsonl."""
+
+    none = "none"  # nowhere else
+    wandb = "wandb"  # Weights & Biases (pip install 'fourdfy[wandb]')
+
+
+class WandbMode(StrChoice):
+    """wandb.init's mode."""
+
+    offline = "offline"  # files under the run directory's wandb/, uploaded later with `wandb sync`
+    online = "online"  # streamed to the W&B server
+    disabled = "disabled"  # W&B calls do nothing
+
 
 @dataclass
 class LoggerConfig:
     """Where metrics go (W&B runs offline unless WANDB_MODE says otherwise)."""
 
-    kind: str = "none"  # "wandb" or "none"
+    kind: LoggerKind = LoggerKind.none  # wandb or none
     project: str = "fourdfy"  # W&B project
     entity: str | None = None  # W&B entity (team); None: the default of the logged-in user
     group: str | None = None  # W&B group; run.py sets the sweep name when it is None
-    mode: str = "offline"  # W&B mode: offline (default, sync later with `wandb sync`), online, disabled
+    mode: WandbMode = WandbMode.offline  # W&B mode: offline (default, sync later with `wandb sync`), online, disabled
 
 
 class Logger(Protocol):
@@ -54,8 +72,8 @@ class WandbLogger:
 
         id_file = Path(run_dir) / "wandb_run_id.json"
         run_id = json.loads(id_file.read_text())["id"] if id_file.exists() else uuid.uuid4().hex[:12]
-        id_file.write_text(json.dumps({"id": run_id}))
-        mode = os.environ.get("WANDB_MODE", cfg.mode)  # the environment wins, as documented
+        write_json_atomic(id_file, {"id": run_id})
+        mode = os.environ.get("WANDB_MODE", str(cfg.mode))  # the environment wins, as documented
         self._wandb = wandb
         self.run = wandb.init(
             project=cfg.project, entity=cfg.entity, group=cfg.group, job_type=job_type, name=name,
@@ -77,8 +95,7 @@ class WandbLogger:
 
 
 def make_logger(cfg: LoggerConfig, run_dir: Path, config: dict[str, Any], name: str, job_type: str) -> Logger:
-    if cfg.kind == "none":
-        return NullLogger()
-    if cfg.kind == "wandb":
+    """The logger ``cfg.kind`` names (LoggerKind: none or wandb)."""
+    if LoggerKind(cfg.kind) is LoggerKind.wandb:
         return WandbLogger(cfg, run_dir, config, name, job_type)
-    raise ValueError(f"logger.kind must be 'wandb' or 'none', got {cfg.kind!r}")
+    return NullLogger()

@@ -1,11 +1,14 @@
 """The optimisation loop: render -> guidance -> step, with checkpoints that resume bit-for-bit.
 
-One iteration: the hybrid schedule draws the update kind; cameras and frame times are sampled for
-that prior (4 views 90° apart for 3D, one view for IMG, one camera × 16 frames for VID); the field
-is rendered at the size the prior asks for at that step (render_size); the prior's loss plus the
-regularisers is back-propagated into the parameter groups that this kind trains; after IMG updates the
-VSD branch takes its own fine-tuning step. All randomness of the loop comes from one generator (and each
-prior's own), whose states are checkpointed, so a killed run restarted in the same directory continues exactly.
+One iteration: the clock moves to it; the hybrid schedule draws the update kind; cameras, frame times and the
+background are sampled for that prior (fourdfy/sampling.py: 4 views 90° apart for 3D, one view for IMG, one
+camera × 16 frames for VID); the field is rendered at the size the prior asks for at that step
+(render_size); the prior's loss plus the regularisers (fourdfy/losses.py) is back-propagated into the
+parameter groups that this kind trains; then the prior takes its own fine-tuning step (VSD's LoRA; a no-op
+for priors without trainable state). All randomness of the loop comes from one generator (and each prior's
+own), whose states are checkpointed, so a killed run restarted in the same directory continues exactly.
+
+The trainer keeps the loop, the NaN guard, checkpoints and signals; ``fourdfy.build.build_trainer`` assembles it.
 """
 
 from __future__ import annotations
@@ -24,17 +27,21 @@ from torch import nn
 from tqdm import tqdm
 
 from fourdfy.checkpoint import load_latest_checkpoint, save_checkpoint
+from fourdfy.clock import Clock
 from fourdfy.guidance.base import Guidance
 from fourdfy.hybrid import HybridSchedule
+from fourdfy.kinds import ParamGroup, UpdateKind
+from fourdfy.losses import regularisers
 from fourdfy.preemption import checkpoint_on_signal
-from fourdfy.render.cameras import Cameras, CameraSamplingConfig, sample_cameras, sample_video_camera
 from fourdfy.render.volume import Renderer
+from fourdfy.rundir import RunDir
+from fourdfy.sampling import StepSampler
 from fourdfy.tracking import Logger, NullLogger
 
 
 @dataclass
 class TrainerConfig:
-    """Loop settings (REFERENCE.md §Rendering, §Hybrid schedule)."""
+    """Loop settings: frame times, regulariser weights, optimiser, checkpoints, occupancy-grid updates."""
 
     n_frames: int = 16  # time grid: frame k at t0 + k/16, t0 ~ U(0, 1/16) (authors' data config)
     static_prior_time: float | None = None  # None: 3D/IMG steps use one of the 16 frame times (authors);
@@ -59,6 +66,7 @@ class TrainerConfig:
     occupancy_times: int = 17  # times probed over [0, 1]: 1/16 apart like the frames (authors' data config) + t=1
 
     def validate(self) -> None:
+        """Raise ValueError naming the key for a value out of range."""
         if self.n_frames < 1:
             raise ValueError(f"trainer.n_frames must be >= 1, got {self.n_frames}")
         if self.static_prior_time is not None and not 0.0 <= self.static_prior_time <= 1.0:
@@ -81,14 +89,18 @@ Callback = Callable[["Trainer", int], None]
 
 
 class Trainer:
-    """Runs the hybrid SDS schedule on a field.
+    """Runs the hybrid SDS schedule on a field. Built by ``fourdfy.build.build_trainer``.
 
     Args:
         field: Field4D (or anything with the same call and ``param_groups()``).
         background: module directions [N,3] -> rgb [N,3]; trained with the heads.
-        random_background_prob: probability of a random solid background colour instead of ``background``.
-        guidances: update kind ("3d" / "img" / "vid") -> Guidance; kinds the schedule never draws may be absent.
-        run_dir: where checkpoints/ and log.jsonl go; a checkpoint there is resumed from.
+        renderer: renders the field (and owns the occupancy grid, if any).
+        guidances: update kind -> Guidance; kinds the schedule never draws may be absent.
+        schedule: which kind each iteration makes, what it trains, at what learning rate.
+        sampler: draws each step's cameras, frame times and background.
+        clock: advanced to each iteration before anything is computed; scheduled quantities read it.
+        run: the run directory: checkpoints/ and log.jsonl go there; a checkpoint there is resumed from.
+        logger: where scalars go besides log.jsonl (set after construction by ``generate``).
         callbacks: called as ``cb(trainer, iteration)`` after every iteration (tests, hooks).
     """
 
@@ -98,43 +110,39 @@ class Trainer:
         field: nn.Module,
         background: nn.Module,
         renderer: Renderer,
-        guidances: dict[str, Guidance],
+        guidances: dict[UpdateKind, Guidance],
         schedule: HybridSchedule,
-        camera_cfg: CameraSamplingConfig,
+        sampler: StepSampler,
+        clock: Clock,
         prompt: str,
-        run_dir: Path,
+        run: RunDir,
         seed: int = 0,
-        random_background_prob: float = 0.5,
         logger: Logger | None = None,
         callbacks: list[Callback] | None = None,
     ):
         cfg.validate()
         self.cfg = cfg
         self.field, self.background, self.renderer = field, background, renderer
-        self.guidances, self.schedule, self.camera_cfg = guidances, schedule, camera_cfg
+        self.guidances = {UpdateKind(kind): g for kind, g in guidances.items()}  # "3d" keys are accepted too
+        self.schedule, self.sampler, self.clock = schedule, sampler, clock
         self.prompt = prompt
-        self.run_dir = Path(run_dir)
-        self.random_background_prob = random_background_prob
+        self.run = run
         self.logger = logger or NullLogger()
         self.callbacks = list(callbacks or [])
-        self.blob_std_start = field.blob_std
-        for stage in (1, 2, 3):
-            if schedule.stage_lengths[stage - 1] == 0:
-                continue
-            for kind, p in schedule.probabilities(stage).items():
-                if p > 0 and kind not in guidances:
-                    raise ValueError(f"the schedule draws {kind!r} updates in stage {stage} but no {kind!r} "
-                                     f"guidance was given (have: {sorted(guidances)})")
-
-        video = guidances.get("vid")
+        missing = self.schedule.kinds_used() - set(self.guidances)
+        if missing:
+            raise ValueError(f"the schedule draws {sorted(map(str, missing))} updates but no guidance was given for "
+                             f"them (have: {sorted(map(str, self.guidances))})")
+        video = self.guidances.get(UpdateKind.VIDEO)
         if video is not None and video.n_views != cfg.n_frames:
             raise ValueError(f"the video prior renders {video.n_views} frames but trainer.n_frames is {cfg.n_frames}; "
                              "set trainer.n_frames to match (checked now, not at the first video step)")
         self.groups = field.param_groups()
-        self.groups["heads"] = self.groups["heads"] + list(background.parameters())
+        self.groups[ParamGroup.HEADS] = self.groups[ParamGroup.HEADS] + list(background.parameters())
         lrs = schedule.lr(0)
         self.optimizer = torch.optim.AdamW(
-            [{"params": params, "lr": lrs[name], "name": name} for name, params in self.groups.items()],
+            # Group names as plain strings: the optimiser's state dict goes into checkpoints.
+            [{"params": params, "lr": lrs[name], "name": name.value} for name, params in self.groups.items()],
             betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
         )
         self.device = next(field.parameters()).device
@@ -146,8 +154,8 @@ class Trainer:
     # State
 
     @property
-    def checkpoint_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
+    def run_dir(self) -> Path:
+        return self.run.path
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -155,7 +163,7 @@ class Trainer:
             "field": self.field.state_dict(),
             "background": self.background.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "guidance": {kind: g.state_dict() for kind, g in self.guidances.items()},
+            "guidance": {kind.value: g.state_dict() for kind, g in self.guidances.items()},
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "skipped_steps": self.skipped_steps,
@@ -164,6 +172,8 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.iteration = state["iteration"]
+        # The last iteration run: what a run resumed at its very end exports with (the blob std).
+        self.clock.iteration = max(self.iteration - 1, 0)
         self.field.load_state_dict(state["field"])
         self.background.load_state_dict(state["background"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -176,48 +186,19 @@ class Trainer:
         self.renderer.load_state_dict(state.get("renderer", {}))
 
     def save(self) -> Path:
-        return save_checkpoint(self.checkpoint_dir, self.iteration, self.state_dict(), self.cfg.keep_checkpoints)
+        return save_checkpoint(self.run.checkpoints, self.iteration, self.state_dict(), self.cfg.keep_checkpoints)
 
     def try_resume(self) -> bool:
-        """Load the newest valid checkpoint of run_dir, if any. True when resumed."""
-        found = load_latest_checkpoint(self.checkpoint_dir)
+        """Load the newest valid checkpoint of the run directory, if any. True when resumed."""
+        found = load_latest_checkpoint(self.run.checkpoints)
         if found is None:
             return False
         self.load_state_dict(found[0])
-        self._truncate_log()
+        self.run.truncate_log(self.iteration)  # rows past the checkpoint are about to be written again
         return True
-
-    def _truncate_log(self) -> None:
-        """Drop log rows past the resumed iteration: they are about to be written again."""
-        log_path = self.run_dir / "log.jsonl"
-        if not log_path.exists():
-            return
-        kept = []
-        for line in log_path.read_text().splitlines():
-            try:
-                if json.loads(line)["iteration"] < self.iteration:
-                    kept.append(line)
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue  # a row torn by the kill
-        tmp = log_path.with_name(f".{log_path.name}.tmp")
-        tmp.write_text("".join(row + "\n" for row in kept))
-        tmp.replace(log_path)
 
     # ------------------------------------------------------------------------------------------
     # One iteration
-
-    def _sample_times(self, n: int, video: bool) -> torch.Tensor:
-        """Frame times: t0 ~ U(0, 1/F), frame k at t0 + k/F. Image steps share one frame (or a fixed time)."""
-        frames = self.cfg.n_frames
-        t0 = float(torch.rand((), generator=self.generator)) / frames
-        k = int(torch.randint(frames, (), generator=self.generator))
-        if video:
-            if n != frames:
-                raise ValueError(f"the video prior wants {n} frames but trainer.n_frames is {frames}")
-            return t0 + torch.arange(frames, dtype=torch.float32) / frames
-        if self.cfg.static_prior_time is not None:
-            return torch.full((n,), self.cfg.static_prior_time)
-        return torch.full((n,), t0 + k / frames)
 
     def _occupancy_times(self, stage: int) -> torch.Tensor:
         """[T] times the occupancy grid must cover in ``stage``: every time that stage can render at.
@@ -231,9 +212,9 @@ class Trainer:
         probs = self.schedule.probabilities(stage)
         static_time = self.cfg.static_prior_time
         times = []
-        if probs["vid"] > 0 or static_time is None:
+        if probs[UpdateKind.VIDEO] > 0 or static_time is None:
             times += torch.linspace(0.0, 1.0, self.cfg.occupancy_times).tolist()
-        if static_time is not None and (probs["3d"] > 0 or probs["img"] > 0):
+        if static_time is not None and (probs[UpdateKind.MULTIVIEW] > 0 or probs[UpdateKind.IMAGE] > 0):
             times.append(static_time)
         return torch.tensor(sorted(set(times)))  # static_time may be a linspace time
 
@@ -245,30 +226,15 @@ class Trainer:
         if it % self.cfg.occupancy_every == 0 or it == self.cfg.occupancy_warmup or stage_start:
             self.renderer.update_occupancy(self.field, self._occupancy_times(stage), device=self.device)
 
-    def _background_for_step(self):
-        """The background MLP, or (with random_background_prob) one random solid colour for the batch."""
-        u = float(torch.rand((), generator=self.generator))
-        colour = torch.rand(3, generator=self.generator)
-        return colour if u < self.random_background_prob else self.background
-
-    def _regularisers(self, opacity: torch.Tensor, stage: int) -> dict[str, torch.Tensor]:
-        losses = {}
-        if self.cfg.lambda_sparsity > 0:
-            losses["sparsity"] = self.cfg.lambda_sparsity * (opacity**2 + 0.01).sqrt().mean()
-        if self.cfg.lambda_opacity_entropy > 0 and stage >= 2:
-            o = opacity.clamp(1e-5, 1.0 - 1e-5)
-            entropy = -(o * o.log() + (1 - o) * (1 - o).log()).mean()
-            losses["opacity_entropy"] = self.cfg.lambda_opacity_entropy * entropy
-        return losses
-
     def _grads_finite(self) -> bool:
         return all(p.grad is None or torch.isfinite(p.grad).all() for g in self.groups.values() for p in g)
 
     def step(self) -> dict[str, float]:
         """Run iteration ``self.iteration``; returns its scalars."""
         it = self.iteration
+        self.clock.iteration = it  # before anything reads a scheduled quantity (the field's blob std)
         stage = self.schedule.stage(it)
-        kind = self.schedule.kind(it, self.generator)
+        kind = UpdateKind(self.schedule.kind(it, self.generator))
         guidance = self.guidances[kind]
         trainable = self.schedule.trainable(kind)
         lrs = self.schedule.lr(it)
@@ -277,25 +243,18 @@ class Trainer:
         for name, params in self.groups.items():
             for p in params:  # frozen groups get no gradient at all: AdamW then leaves them untouched
                 p.requires_grad_(trainable[name])
-        self.field.blob_std = self.schedule.blob_std(it, self.blob_std_start)
-        # After the blob std: the grid sees the field this iteration renders. Uses no random numbers.
+        # After the clock: the grid sees the field this iteration renders. Uses no random numbers.
         self._update_occupancy(it, stage)
 
         # Random draws stay on the CPU generator (exact resume); tensors then go to the field's device.
-        if guidance.is_video:
-            cameras: Cameras = sample_video_camera(guidance.n_views, self.camera_cfg, self.generator)
-        else:
-            cameras = sample_cameras(guidance.n_views, self.camera_cfg, self.generator)
-        cameras = cameras.to(self.device)
-        times = self._sample_times(guidance.n_views, guidance.is_video).to(self.device)
-        background = self._background_for_step()
-        if isinstance(background, torch.Tensor):
-            background = background.to(self.device)
+        inputs = self.sampler.sample(guidance.n_views, guidance.is_video, self.background, self.generator)
+        inputs = inputs.to(self.device)
         h, w = guidance.render_size(it)  # MVDream renders 64² for its first 5000 steps
-        out = self.renderer.render(self.field, cameras, times, h, w, background=background,
+        out = self.renderer.render(self.field, inputs.cameras, inputs.times, h, w, background=inputs.background,
                                    generator=self.generator, train=True)
-        g_out = guidance(out["rgb"], self.prompt, cameras, times, it)
-        losses = {"guidance": g_out.loss, **self._regularisers(out["opacity"], stage)}
+        g_out = guidance(out["rgb"], self.prompt, inputs.cameras, inputs.times, it)
+        losses = {"guidance": g_out.loss, **regularisers(out["opacity"], stage, self.cfg.lambda_sparsity,
+                                                         self.cfg.lambda_opacity_entropy)}
         loss = sum(losses.values())
 
         self.optimizer.zero_grad(set_to_none=True)
@@ -305,14 +264,16 @@ class Trainer:
             applied = self._grads_finite()
         if applied:
             self.optimizer.step()
-            if kind == "img":
-                g_out.stats.update(guidance.finetune_step(out["rgb"].detach(), self.prompt, cameras, it))
+            # Every prior's own trainable state (VSD's LoRA) learns from this step's renders; {} for priors
+            # without any. The latents of this call are handed over so they are not encoded twice.
+            g_out.stats.update(guidance.finetune_step(out["rgb"].detach(), self.prompt, inputs.cameras, it,
+                                                      latents=g_out.latents))
         else:  # NaN/Inf: never written into the field; counted and logged
             self.skipped_steps += 1
             self.optimizer.zero_grad(set_to_none=True)
         self.iteration += 1
         return {
-            "iteration": it, "stage": stage, "kind": kind, "loss": float(loss.detach()),
+            "iteration": it, "stage": stage, "kind": kind.value, "loss": float(loss.detach()),
             **{f"loss/{name}": float(v.detach()) for name, v in losses.items()},
             **{f"{kind}/{k}": v for k, v in g_out.stats.items()},
             **{f"lr/{name}": v for name, v in lrs.items()},
@@ -326,8 +287,8 @@ class Trainer:
         """Train from the current iteration to the end of the schedule, checkpointing as configured."""
         total = self.schedule.total_iterations
         stage_ends = set(self.schedule.stage_ends)
-        log_path = self.run_dir / "log.jsonl"
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.run.log
+        self.run.path.mkdir(parents=True, exist_ok=True)
         bar = tqdm(total=total, initial=self.iteration, disable=not self.cfg.progress_bar, dynamic_ncols=True,
                    desc="fourdfy")
         start = time.perf_counter()

@@ -15,8 +15,10 @@ import torch
 
 from bench.cpu import main as cpu_main
 from bench.cpu import naive_hashgrid
-from bench.gpu import FIELD_CHECKPOINT_CHUNK_TINY, OCCUPANCY_RESOLUTION_TINY
+from bench.gpu import FIELD_CHECKPOINT_CHUNK_TINY, OCCUPANCY_RESOLUTION_TINY, bench_overrides, set_hashgrid_chunk
 from bench.gpu import main as gpu_main
+from fourdfy.build import build_field
+from fourdfy.config import compose_run_config
 from fourdfy.fields.hashgrid import HashGridEncoding
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,6 +101,35 @@ def test_gpu_bench_tiny_runs_every_kind_with_the_occupancy_grid(capsys: pytest.C
         # Cameras look at the blob, so some samples reach the field; most of each ray is empty space.
         assert 0.0 < entry["samples_kept"] < 1.0, (kind, entry["samples_kept"])
         assert entry["iteration_s"] > 0 and entry["floor_s"] > 0
+
+
+def test_gpu_bench_runs_the_paper_preset_with_only_its_overrides() -> None:
+    """bench.gpu's config is conf/preset/paper.yaml's (paper-size field, 56³ grid, 128 samples per ray);
+    lowmem sets the priors' memory keys, --no-occupancy and --n-samples the renderer, and nothing else moves."""
+    paper = compose_run_config(["preset=paper"])
+    bench = compose_run_config(bench_overrides("paper", tiny=False, device="cuda"))
+    assert bench.field == paper.field and bench.renderer == paper.renderer and bench.schedule == paper.schedule
+    assert bench.guidance == paper.guidance and bench.trainer == paper.trainer
+    assert bench.field.static_grid.log2_hashmap_size == 19 and bench.renderer.n_samples == 128
+    lowmem = compose_run_config(bench_overrides("lowmem", tiny=False, device="cuda", occupancy=False, n_samples=64))
+    for prior in (lowmem.guidance.mvdream, lowmem.guidance.sd_vsd, lowmem.guidance.zeroscope):
+        assert prior.offload and prior.vae_gradient_checkpointing
+    assert lowmem.guidance.zeroscope.vae_grad_frames == 4
+    assert not lowmem.renderer.occupancy_grid and lowmem.renderer.n_samples == 64
+    assert lowmem.field == paper.field and lowmem.schedule == paper.schedule
+
+
+def test_set_hashgrid_chunk_changes_the_chunking_not_the_values() -> None:
+    field, _ = build_field(compose_run_config(["preset=paper", "field.static_grid.log2_hashmap_size=10",
+                                               "field.dynamic_grid.log2_hashmap_size=10"]).field)
+    x, t = torch.rand(500, 3) - 0.5, torch.rand(500)
+    with torch.no_grad():
+        before = field(x, t)
+        set_hashgrid_chunk(field, 64)
+        after = field(x, t)
+    assert field.static_encoding._plan.chunk_size == field.dynamic_encoding._plan.chunk_size == 64
+    for a, b in zip(before, after, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

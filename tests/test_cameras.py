@@ -17,10 +17,10 @@ from fourdfy.render.cameras import (
     cameras_from_spherical,
     look_at_c2w,
     mvdream_camera,
-    orbit_cameras,
     sample_cameras,
     sample_video_camera,
 )
+from fourdfy.render.trajectories import orbit_cameras
 
 TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata"
 MVDREAM_CAMERAS = TESTDATA / "mvdream" / "cameras.json"
@@ -243,7 +243,7 @@ def test_orbit_cameras_defaults_are_the_evaluation_camera():
 )
 def test_sampling_config_validation_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
-        CameraSamplingConfig(**kwargs)
+        CameraSamplingConfig(**kwargs).validate()
 
 
 def test_sampling_config_defaults_are_the_papers():

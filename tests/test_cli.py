@@ -7,6 +7,8 @@ the tests depend on its files, never on how well the toy world trained.
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import shutil
 import subprocess
 import sys
@@ -16,12 +18,12 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-import run  # noqa: F401  (registers the config schema and the `slug` resolver)
-from fourdfy.api import generate, load_run
+from eval import gt_metrics
+from fourdfy.api import generate
+from fourdfy.build import load_run
 from fourdfy.cli import main
+from fourdfy.config import compose_run_config
 from fourdfy.export.mesh import density_grid, mesh_times
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,8 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = OmegaConf.to_object(compose("config", overrides=["preset=smoke"]))
+    cfg = compose_run_config(["preset=smoke"])
     path = tmp_path_factory.mktemp("smoke_run")
     generate(cfg, path)
     return path
@@ -98,6 +99,23 @@ def test_export_meshes_and_glb_from_the_checkpoint(run_dir, tmp_path):
         position = gltf.meshes[gltf.nodes[node_index].mesh].primitives[0].attributes.POSITION
         assert gltf.accessors[position].count == len(trimesh.load(ply, process=False).vertices)
     assert not (out / "orbit.mp4").exists(), "only the asked-for outputs"
+
+
+def test_metrics_json_is_bit_for_bit_what_eval_gt_metrics_recomputes(run_dir, capsys):
+    # One implementation (fourdfy/synthetic/metrics.py) at the run's eval settings: the numbers a run writes
+    # when it ends and the numbers Table 2 recomputes from its last checkpoint are the same floats.
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    recomputed = gt_metrics.run_metrics(run_dir)
+    assert set(saved) == set(recomputed) | {"skipped_steps"}
+    assert {"psnr", "ssim", "depth_error", "motion_error", "gt_error"} <= set(recomputed)
+
+    def same(a: float, b: float) -> bool:
+        return a == b or (math.isnan(a) and math.isnan(b))
+
+    assert [k for k, v in recomputed.items() if not same(saved[k], v)] == []
+    assert gt_metrics.main([str(run_dir), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [k for k, v in printed.items() if not same(saved[k], v)] == []
 
 
 def test_bad_input_is_reported_in_one_clear_line(run_dir, tmp_path, capsys):

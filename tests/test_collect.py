@@ -20,17 +20,17 @@ import imageio.v3 as iio
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from scipy.stats import chisquare
 
 from ablations import collect
 from ablations.table2 import ROWS
 from eval.gt_metrics import run_metrics
-from fourdfy.api import build_field, prepare_run_dir
+from fourdfy.build import build_field
 from fourdfy.checkpoint import save_checkpoint
-from fourdfy.config import RunConfig, register_configs
+from fourdfy.config import RunConfig, compose_run_config
 from fourdfy.export.video import write_video
+from fourdfy.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 BALL, CUBE = "a red ball bouncing on a blue box", "a yellow cube spinning"
@@ -57,10 +57,7 @@ seed: 0
 
 @cache
 def _composed(variant: str, prompt: str) -> RunConfig:
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["preset=smoke", f"variant={variant}", f"prompt={prompt}"])
-    return OmegaConf.to_object(cfg)
+    return compose_run_config(["preset=smoke", f"variant={variant}", f"prompt={prompt}"])
 
 
 def run_config(variant: str, prompt: str) -> RunConfig:
@@ -70,7 +67,7 @@ def run_config(variant: str, prompt: str) -> RunConfig:
 def make_run(root: Path, variant: str, prompt: str, finished: bool, seed: int = 0) -> Path:
     run_dir = root / variant / SLUG[prompt] / "seed0"
     cfg = run_config(variant, prompt)
-    prepare_run_dir(cfg, run_dir)
+    RunDir(run_dir).prepare(cfg)
     torch.manual_seed(seed)
     field, background = build_field(cfg.field)
     save_checkpoint(run_dir / "checkpoints", 20, {"iteration": 20, "field": field.state_dict(),
@@ -142,7 +139,7 @@ def test_statuses_means_and_cached_metrics(sweep: Path, tmp_path: Path) -> None:
     # Written beside the run, generate's own keys kept; no temporary file left behind.
     saved = json.loads((sweep / "full" / SLUG[BALL] / "seed0" / "metrics.json").read_text())
     assert saved["psnr"] == 1.0 and saved["eval"]["gt"]["values"]["psnr"] == pytest.approx(direct[0]["psnr"])
-    assert not list(sweep.rglob(".metrics.json.tmp*"))
+    assert not [p for p in sweep.rglob("*") if ".tmp-" in p.name]
     unfinished = json.loads((sweep / "no_3d" / SLUG[BALL] / "seed0" / "metrics.json").read_text())
     assert "eval" not in unfinished
 

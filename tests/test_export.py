@@ -29,19 +29,17 @@ from fourdfy.export.video import (
     OutputFolderError,
     add_caption,
     colorize_depth,
-    fixed_view_path,
-    orbit_path,
-    render_frames,
     render_views_by_time,
     write_grid,
     write_video,
 )
 from fourdfy.render.cameras import cameras_from_spherical
+from fourdfy.render.trajectories import fixed_view_path, orbit_path
+from fourdfy.render.views import WHITE, render_views
 from fourdfy.render.volume import Renderer, RendererConfig
 from fourdfy.synthetic.scenes import SOLID_DENSITY, bouncing_ball, spinning_cube
 from fourdfy.tracking import NullLogger
 
-WHITE = torch.ones(3)
 RENDERER = Renderer(RendererConfig(n_samples=24, radius=1.0))
 
 
@@ -59,8 +57,8 @@ def test_fixed_view_at_t1_equals_static_orbit_at_minus_90_degrees():
     # frame 3 of a 4-frame static orbit: checks both paths' cameras and times.
     cams, times = fixed_view_path(3, azimuth=0.0)
     torch.testing.assert_close(times, torch.tensor([0.0, 0.5, 1.0]))
-    fixed = render_frames(spinning_cube, RENDERER, cams, times, 12, WHITE)["rgb"]
-    static = video.render_orbit(spinning_cube, RENDERER, 4, 12, WHITE, time_advances=False)
+    fixed = render_views(spinning_cube, RENDERER, cams, times, 12, WHITE)["rgb"]
+    static = render_views(spinning_cube, RENDERER, *orbit_path(4, time_advances=False), 12, WHITE)["rgb"]
     torch.testing.assert_close(fixed[2], static[3], atol=2e-3, rtol=0)
     assert (fixed[0] - fixed[2]).abs().max() > 0.1, "the fixed view must show the motion"
     _, orbit_times = orbit_path(5)

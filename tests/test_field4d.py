@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fourdfy.api import build_field
-from fourdfy.config import FieldConfig, HashGridConfig
+from fourdfy.build import build_field
 from fourdfy.fields.background import BackgroundMLP, spherical_harmonics_deg3
-from fourdfy.render.cameras import orbit_cameras
+from fourdfy.fields.field4d import FieldConfig
+from fourdfy.fields.hashgrid import HashGridConfig
+from fourdfy.render.trajectories import orbit_cameras
 from fourdfy.render.volume import Renderer, RendererConfig
 
 SMALL = HashGridConfig(n_levels=4, n_features_per_level=2, log2_hashmap_size=12, base_resolution=4,

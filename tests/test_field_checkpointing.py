@@ -17,12 +17,14 @@ from omegaconf import OmegaConf
 
 import fourdfy.fields.field4d as field4d_module
 from bench.field_memory import profiled_memory
-from fourdfy.api import build_field
-from fourdfy.config import FieldConfig, HashGridConfig, RunConfig
+from fourdfy.build import build_field
+from fourdfy.clock import Clock, LinearRamp, Scheduled
+from fourdfy.config import RunConfig
 from fourdfy.fields.dense import DenseGridConfig
-from fourdfy.fields.field4d import Field4D
+from fourdfy.fields.field4d import Field4D, FieldConfig
+from fourdfy.fields.hashgrid import HashGridConfig
 from fourdfy.fields.hexplane import HexPlaneConfig
-from fourdfy.render.cameras import orbit_cameras
+from fourdfy.render.trajectories import orbit_cameras
 from fourdfy.render.volume import Renderer, RendererConfig
 
 SMALL_GRID = HashGridConfig(n_levels=4, n_features_per_level=2, log2_hashmap_size=12, base_resolution=4,
@@ -34,12 +36,13 @@ CHUNK = 300
 N_TIMES = 4  # distinct frame times of the samples (a training batch has one time per view)
 
 
-def _field(kind: str, chunk: int | None, dtype: torch.dtype = torch.float64) -> Field4D:
+def _field(kind: str, chunk: int | None, dtype: torch.dtype = torch.float64,
+           blob_std: Scheduled | None = None) -> Field4D:
     """A tiny field of `kind` with order-1 random parameters (same values for every `chunk`)."""
     torch.manual_seed(0)
     cfg = FieldConfig(kind=kind, static_grid=SMALL_GRID, dynamic_grid=SMALL_GRID, hexplane=SMALL_HEX,
                       dense=SMALL_DENSE, checkpoint_chunk=chunk)
-    field, _ = build_field(cfg)
+    field, _ = build_field(cfg, blob_std=blob_std)
     # The defaults are ~1e-4 (grids) or exactly 0 (time planes): features and their gradients would nearly
     # vanish and make the comparison weak, so every parameter is redrawn at order 1.
     gen = torch.Generator().manual_seed(1)
@@ -195,17 +198,21 @@ def test_no_checkpoint_without_a_graph(mode: str, checkpoint_calls) -> None:
 
 
 def test_blob_std_of_the_forward_is_used_in_the_recomputation() -> None:
-    """The schedule may change blob_std between forward and backward; the gradient must not see it."""
+    """The clock may move (and the scheduled blob_std change) between forward and backward; the gradient must
+    not see it. The ramp is 0.5 up to iteration 10, then 3.0."""
     n = 1000
     results = {}
-    for label, chunk, std_forward, std_backward in [("plain_0.5", None, 0.5, 0.5), ("plain_3", None, 3.0, 3.0),
-                                                    ("ckpt_changed", CHUNK, 0.5, 3.0)]:
-        field = _field("hashgrid", chunk)
+    ramp = LinearRamp(start_value=0.5, end_value=3.0, start_iteration=10, n_steps=0)
+    for label, chunk, it_forward, it_backward in [("plain_0.5", None, 10, 10), ("plain_3", None, 11, 11),
+                                                  ("ckpt_changed", CHUNK, 10, 11)]:
+        clock = Clock()
+        field = _field("hashgrid", chunk, blob_std=Scheduled(ramp, clock))
         x, t, wd, wc = _inputs(n)
         x.requires_grad_(True)
-        field.blob_std = std_forward
+        clock.iteration = it_forward
         loss = _loss(field, x, t, wd, wc)
-        field.blob_std = std_backward
+        clock.iteration = it_backward
+        assert field.blob_std == (0.5 if it_backward == 10 else 3.0)
         loss.backward()
         results[label] = x.grad
     assert not torch.allclose(results["plain_0.5"], results["plain_3"])  # blob_std matters to the gradient
@@ -215,10 +222,12 @@ def test_blob_std_of_the_forward_is_used_in_the_recomputation() -> None:
 def test_checkpoint_chunk_is_validated_and_passed_through() -> None:
     for bad in (0, -4):
         with pytest.raises(ValueError, match="field.checkpoint_chunk"):
-            FieldConfig(checkpoint_chunk=bad)
+            FieldConfig(checkpoint_chunk=bad).validate()
         merged = OmegaConf.merge(OmegaConf.structured(RunConfig), {"field": {"checkpoint_chunk": bad}})
         with pytest.raises(ValueError, match="field.checkpoint_chunk"):
-            OmegaConf.to_object(merged)
+            OmegaConf.to_object(merged).validate()
+        with pytest.raises(ValueError, match="field.checkpoint_chunk"):
+            build_field(FieldConfig(checkpoint_chunk=bad))
     field = _field("hashgrid", 64)
     for bad in (0, 2.5, True):
         with pytest.raises(ValueError, match="checkpoint_chunk must be a positive int"):

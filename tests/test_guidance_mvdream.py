@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_models import save_tiny_mvdream, save_tiny_sd, tiny_mvdream_config
+from helpers.tiny_models import save_tiny_mvdream, save_tiny_sd, tiny_mvdream_config
 
 from fourdfy.guidance.base import Guidance
-from fourdfy.guidance.mvdream import MVDreamConfig, MVDreamGuidance, MVDreamModels, Ramp
+from fourdfy.guidance.configs import MVDreamConfig, Ramp
+from fourdfy.guidance.mvdream import MVDreamGuidance, MVDreamModels
 from fourdfy.render.cameras import cameras_from_spherical, mvdream_camera
 
 PROMPT = "a corgi riding a skateboard"
@@ -151,7 +152,8 @@ def test_losses_match_an_independent_computation(guidance: MVDreamGuidance) -> N
 
 
 def test_recon_without_rescale_is_sds_with_sqrt_weight(guidance: MVDreamGuidance) -> None:
-    """0.5‖z − sg(x̂0)‖²/B has the gradient of SDS with w(t) = √((1−ᾱ)/ᾱ) (REFERENCE.md §Guidance)."""
+    """0.5‖z − sg(x̂0)‖²/B has the gradient of SDS with w(t) = √((1−ᾱ)/ᾱ) (the authors' recon_loss in
+    threestudio/models/guidance/multiview_diffusion_guidance.py, MVDream's Sec 3.2 x0-reconstruction loss)."""
     gen = torch.Generator().manual_seed(3)
     z = torch.randn(4, 4, 4, 4, generator=gen)
     noise = torch.randn(4, 4, 4, 4, generator=gen)
@@ -178,6 +180,9 @@ def test_exact_resume_from_state_dict(guidance: MVDreamGuidance) -> None:
     again = guidance(renders, PROMPT, _cameras(), torch.zeros(4), step=6000)
     assert first.loss.item() == again.loss.item() and first.stats == again.stats
     assert guidance.finetune_step(renders, PROMPT, _cameras(), 0) == {}
+    # No fine-tuning step: nothing to hand over, and the trainer's latents keyword is accepted.
+    assert again.latents is None
+    assert guidance.finetune_step(renders, PROMPT, _cameras(), 0, latents=again.latents) == {}
 
 
 def test_loss_weight_scales_the_loss(guidance: MVDreamGuidance) -> None:
@@ -200,6 +205,16 @@ def test_render_size_switches_at_the_milestone(guidance: MVDreamGuidance) -> Non
         _variant(guidance, render_sizes=(16, 32), render_size_milestones=())
     with pytest.raises(ValueError, match="render_size_milestones"):
         _variant(guidance, render_sizes=(8, 16, 32), render_size_milestones=(20, 10))
+
+
+def test_config_validate_names_the_key() -> None:
+    MVDreamConfig().validate()
+    with pytest.raises(ValueError, match=r"guidance\.mvdream\.n_views must be >= 1"):
+        MVDreamConfig(n_views=0).validate()
+    with pytest.raises(ValueError, match=r"guidance\.3d\.recon_std_rescale must be in \[0, 1\]"):
+        MVDreamConfig(recon_std_rescale=1.5).validate("guidance.3d")
+    with pytest.raises(ValueError, match=r"guidance\.mvdream\.render_size_milestones"):
+        MVDreamGuidance.from_config(MVDreamConfig(render_sizes=(64,)))  # before any weights are looked for
 
 
 def test_bad_inputs_raise_value_errors(guidance: MVDreamGuidance) -> None:

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import save_tiny_zeroscope, tiny_zeroscope_config
+from helpers.tiny_models import save_tiny_zeroscope, tiny_zeroscope_config
 
 from fourdfy.guidance.base import Guidance
+from fourdfy.guidance.configs import ZeroscopeConfig
 from fourdfy.guidance.memory import encode_latents
-from fourdfy.guidance.zeroscope import ZeroscopeConfig, ZeroscopeGuidance, ZeroscopeModels
+from fourdfy.guidance.zeroscope import ZeroscopeGuidance, ZeroscopeModels
 from fourdfy.render.cameras import Cameras, cameras_from_spherical
 
 PROMPT = "a dog riding a skateboard"
@@ -127,6 +128,8 @@ def test_exact_resume_from_state_dict(guidance: ZeroscopeGuidance) -> None:
     again = guidance(renders, PROMPT, _video_camera(), torch.zeros(4), 0)
     assert first.loss.item() == again.loss.item() and first.stats == again.stats
     assert guidance.finetune_step(renders, PROMPT, _video_camera(), 0) == {}
+    assert again.latents is None  # no fine-tuning step, nothing handed over; the keyword is accepted
+    assert guidance.finetune_step(renders, PROMPT, _video_camera(), 0, latents=again.latents) == {}
 
 
 def test_bad_inputs_raise_value_errors(guidance: ZeroscopeGuidance) -> None:
@@ -136,8 +139,12 @@ def test_bad_inputs_raise_value_errors(guidance: ZeroscopeGuidance) -> None:
         guidance(torch.rand(4, 24, 16, 3), PROMPT, _video_camera(), torch.zeros(4), 0)
     with pytest.raises(ValueError, match="one camera per frame"):
         guidance(torch.rand(4, 16, 24, 3), PROMPT, _video_camera(n=1), torch.zeros(4), 0)
-    with pytest.raises(ValueError, match="vae_grad_frames"):
+    with pytest.raises(ValueError, match=r"guidance\.zeroscope\.vae_grad_frames"):
         _variant(guidance, vae_grad_frames=5)
+    with pytest.raises(ValueError, match=r"guidance\.zeroscope\.n_frames must be >= 1"):
+        ZeroscopeConfig(n_frames=0).validate()
+    with pytest.raises(ValueError, match=r"guidance\.zeroscope\.min_step_percent"):
+        ZeroscopeConfig(min_step_percent=0.5, max_step_percent=0.2).validate()
 
 
 def test_bfloat16_weights_work(model_dir: Path) -> None:

@@ -17,16 +17,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
 from ablations.table2 import ROWS, VARIANTS, sweep_overrides
-from fourdfy.api import build_field, config_fingerprint, generate, prepare_run_dir
+from fourdfy.api import generate
+from fourdfy.build import build_field
 from fourdfy.checkpoint import save_checkpoint
-from fourdfy.config import RunConfig, register_configs
+from fourdfy.config import RunConfig, compose_config
+from fourdfy.rundir import RunDir, config_fingerprint
 from fourdfy.synthetic.scenes import SCENES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,9 +35,7 @@ PROMPTS_FOUND = Path(__file__).resolve().parents[2] / "shared" / "prompts_found.
 
 
 def compose_cfg(overrides: list[str], hydra_node: bool = False) -> DictConfig:
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("config", overrides=overrides, return_hydra_config=hydra_node)
+    return compose_config(overrides, with_hydra=hydra_node)
 
 
 def sweep_prompts(prompt_set: str) -> list[str]:
@@ -64,6 +63,8 @@ def _code_block_after(text: str, marker: str) -> list[str]:
     ("prompts=no_such_set", MissingConfigException, r"prompts/no_such_set.*ablation5"),
     ("schedule.p3d=0.5", ConfigCompositionException, r"schedule\.p3d"),
     ("seed=abc", ConfigCompositionException, r"seed"),
+    ("field.kind=foo", ConfigCompositionException, r"field\.kind=foo"),  # choices are enums
+    ("guidance.backend=foo", ConfigCompositionException, r"guidance\.backend=foo"),
 ])
 def test_unknown_names_fail_at_compose_time(override: str, error: type, pattern: str) -> None:
     with pytest.raises(error, match=re.compile(pattern, re.S)):
@@ -78,15 +79,13 @@ def test_unknown_names_fail_at_compose_time(override: str, error: type, pattern:
     ("trainer.static_prior_time=2.0", "trainer.static_prior_time"),
     ("cameras.fovy_range=[10,200]", "fovy_range"),
     ("renderer.n_samples=0", "n_samples"),
-    ("field.kind=foo", "field.kind"),
-    ("guidance.backend=foo", "guidance.backend"),
     ("eval.size=0", "eval.size"),
     ("field.heads.hidden_dim=0", "field.heads.hidden_dim"),
 ])
 def test_out_of_range_values_fail_before_any_work_naming_the_key(override: str, key: str, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     with pytest.raises(ValueError, match=re.escape(key)):
-        # run.py's two steps: the typed config (dataclass __post_init__ checks), then generate.
+        # run.py's two steps: the typed config, then generate (RunConfig.validate() before any work).
         generate(OmegaConf.to_object(compose_cfg(["preset=smoke", override])), run_dir)
     assert not run_dir.exists() or not any(run_dir.iterdir()), sorted(p.name for p in run_dir.iterdir())
 
@@ -170,7 +169,7 @@ def test_slurm_launcher_config_exposes_the_queue_settings() -> None:
 
 
 def _fake_started_run(run_dir: Path, cfg: RunConfig) -> Path:
-    prepare_run_dir(cfg, run_dir)
+    RunDir(run_dir).prepare(cfg)
     field, background = build_field(cfg.field)
     return save_checkpoint(run_dir / "checkpoints", 5, {"iteration": 5, "field": field.state_dict(),
                                                         "background": background.state_dict()})

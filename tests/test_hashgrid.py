@@ -53,11 +53,16 @@ def naive_encode(x: np.ndarray, params: np.ndarray, cfg: dict[str, Any]) -> np.n
     d_in, n_levels, n_feat = cfg["n_input_dims"], cfg["n_levels"], cfg["n_features_per_level"]
     max_table = 2 ** cfg["log2_hashmap_size"]
     f32 = np.float32
-    log2_pls = f32(np.log2(f32(cfg["per_level_scale"])))
+    # tcnn's log2f/exp2f are correctly rounded float32 functions. NumPy's float32 log2/exp2 are not (their
+    # SIMD paths differ between CPUs by an ulp), so each is evaluated in double with Python's math (error far
+    # below a float32 ulp) and rounded once to float32. Products and differences of float32 numbers are
+    # rounded by NumPy's float32 arithmetic, which is IEEE-exact on every CPU.
+    log2_pls = f32(math.log2(float(f32(cfg["per_level_scale"]))))
     out = np.zeros((x.shape[0], n_levels * n_feat))
     offset = 0
     for level in range(n_levels):
-        scale = float(f32(np.exp2(f32(level) * log2_pls) * f32(cfg["base_resolution"])) - f32(1.0))
+        exp2 = f32(2.0 ** float(f32(level) * log2_pls))
+        scale = float(f32(exp2 * f32(cfg["base_resolution"])) - f32(1.0))
         res = math.ceil(scale) + 1
         table = min((res**d_in + 7) // 8 * 8, max_table)
         dense = res**d_in <= table
@@ -185,7 +190,8 @@ def test_state_dict_and_init_match_tcnn() -> None:
 
 
 def test_paper_grid_layout() -> None:
-    # REFERENCE.md: 16 levels, F=2, log2 T=19, base 16, per-level scale 1.447269237440378, finest 4096.
+    # Authors' geometry.pos_encoding_config: 16 levels, F=2, log2 T=19, base 16, per-level scale 1.447269237440378
+    # (finest 4096).
     enc = HashGridEncoding(3, 16, 2, 19, 16, 1.447269237440378)
     assert enc.level_resolutions[0] == 16 and enc.level_resolutions[-1] == 4096
     assert enc.level_offsets[-1] - enc.level_offsets[-2] == 2**19

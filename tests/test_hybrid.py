@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fourdfy.clock import Clock, LinearRamp, Scheduled
 from fourdfy.hybrid import HybridSchedule, ScheduleConfig
 
 N_DRAWS = 20_000
@@ -50,7 +51,7 @@ def test_only_video_updates_train_the_dynamic_grid():
     assert HybridSchedule.trainable("vid") == {"static": True, "dynamic": True, "heads": True}
     for kind in ("3d", "img"):
         assert HybridSchedule.trainable(kind) == {"static": True, "dynamic": False, "heads": True}
-    with pytest.raises(ValueError, match="unknown update kind"):
+    with pytest.raises(ValueError, match="audio"):
         HybridSchedule.trainable("audio")
 
 
@@ -65,9 +66,33 @@ def test_static_learning_rate_drops_in_stage_3():
 
 def test_blob_std_anneals_linearly_in_stage_3_only():
     schedule = HybridSchedule(ScheduleConfig(stage_lengths=[5, 5, 100], blob_anneal_steps=50))
-    assert schedule.blob_std(9, 0.5) == 0.5
-    assert schedule.blob_std(35, 0.5) == pytest.approx(0.5 + 25 / 50 * 4.5)
-    assert schedule.blob_std(90, 0.5) == 5.0
+    ramp = schedule.blob_std_ramp(0.5)
+    assert ramp.at(0) == ramp.at(10) == 0.5  # iteration 10 is stage 3's first: still the start value
+    assert ramp.at(35) == pytest.approx(0.5 + 25 / 50 * 4.5)
+    assert ramp.at(60) == ramp.at(90) == 5.0
+    assert HybridSchedule(ScheduleConfig(stage_lengths=[5, 5, 100], blob_anneal_steps=0)).blob_std_ramp(0.5).at(11) \
+        == 5.0
+
+
+def test_a_scheduled_quantity_follows_the_clock():
+    clock = Clock()
+    blob = Scheduled(LinearRamp(start_value=1.0, end_value=3.0, start_iteration=4, n_steps=4), clock)
+    values = []
+    for it in (0, 4, 5, 6, 8, 100):
+        clock.iteration = it
+        values.append(blob.value())
+    assert values == [1.0, 1.0, 1.5, 2.0, 3.0, 3.0]
+
+
+@pytest.mark.parametrize(("overrides", "used"), [
+    ({}, {"3d", "img", "vid"}),
+    ({"p_img": 0.0}, {"3d", "vid"}),
+    ({"stage_lengths": [5, 5, 0]}, {"3d", "img"}),
+    ({"p_3d": 0.0, "p_img": 0.0, "skip_stages_1_2": True}, {"vid"}),
+    ({"stage3_video_only": True, "stage_lengths": [0, 0, 5]}, {"vid"}),
+])
+def test_kinds_used_are_the_kinds_drawn_in_some_stage(overrides, used):
+    assert HybridSchedule(ScheduleConfig(**{"stage_lengths": [5, 5, 5], **overrides})).kinds_used() == used
 
 
 @pytest.mark.parametrize(

@@ -12,16 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from configs import compose_run_config
-from run_helpers import run_generate_in_subprocess
+from helpers.runs import run_generate_in_subprocess
 from scipy import ndimage
 from torch import nn
 
-from fourdfy.api import build_field, build_guidances
+from fourdfy.build import build_trainer
 from fourdfy.checkpoint import list_checkpoints, load_latest_checkpoint
-from fourdfy.hybrid import HybridSchedule
-from fourdfy.render.cameras import orbit_cameras
+from fourdfy.config import compose_run_config
 from fourdfy.render.rays import get_rays
+from fourdfy.render.trajectories import orbit_cameras
 from fourdfy.render.volume import Renderer, RendererConfig
 from fourdfy.synthetic.scenes import EDGE_SOFTNESS, SOLID_DENSITY, get_scene
 from fourdfy.trainer import Trainer, TrainerConfig
@@ -34,11 +33,8 @@ OCC_SMOKE = ["preset=smoke", "schedule.stage_lengths=[10,10,10]", "trainer.check
 
 
 def _trainer(cfg, run_dir, callbacks=None) -> Trainer:
-    torch.manual_seed(cfg.seed)  # as generate() does: every trainer of a test starts from the same field
-    field, background = build_field(cfg.field)
-    return Trainer(cfg.trainer, field, background, Renderer(cfg.renderer), build_guidances(cfg),
-                   HybridSchedule(cfg.schedule), cfg.cameras, cfg.prompt, run_dir, seed=cfg.seed,
-                   callbacks=callbacks)
+    # As generate() does: the field is initialised from cfg.seed, so every trainer of a test starts alike.
+    return build_trainer(cfg, run_dir, callbacks=callbacks)
 
 
 # ---------------------------------------------------------------- the grid against the dense path

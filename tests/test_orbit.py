@@ -1,4 +1,5 @@
-"""eval/orbit.py (evaluation trajectories, rendering a run's checkpoint) and eval/gt_metrics.py (toy world).
+"""Evaluation trajectories (fourdfy/render/trajectories.py), render_views, eval/orbit.py (rendering a run's
+checkpoint) and the toy world's ground-truth metrics (fourdfy/synthetic/metrics.py).
 
 Trajectories are checked against the authors' recipe written out by hand; renders against a direct
 Renderer call; metrics against numbers computed here from the analytic scenes.
@@ -13,17 +14,19 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from skimage.metrics import structural_similarity
 
-from eval import gt_metrics, orbit
-from fourdfy.api import build_field, prepare_run_dir
+from eval import orbit
+from fourdfy.build import build_field
 from fourdfy.checkpoint import save_checkpoint
-from fourdfy.config import RunConfig, register_configs
+from fourdfy.config import RunConfig, compose_run_config
 from fourdfy.render.cameras import cameras_from_spherical
+from fourdfy.render.trajectories import EVAL_CAMERA, authors_path, orbit_path
+from fourdfy.render.views import WHITE, render_views
 from fourdfy.render.volume import Renderer, RendererConfig
-from fourdfy.synthetic.priors import WHITE, ToyDataConfig, render_scene
+from fourdfy.rundir import RunDir
+from fourdfy.synthetic import metrics as gt_metrics
+from fourdfy.synthetic.priors import ToyDataConfig, render_scene
 from fourdfy.synthetic.scenes import get_scene
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,17 +34,9 @@ BALL = "a red ball bouncing on a blue box"
 CUBE = "a yellow cube spinning"
 
 
-def compose_run_config(overrides: list[str]) -> RunConfig:
-    """The RunConfig run.py would build for these overrides."""
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    return OmegaConf.to_object(cfg)
-
-
 def make_run(run_dir: Path, cfg: RunConfig, iteration: int, seed: int = 0) -> None:
     """A run directory as the trainer leaves it: config.yaml, fingerprint, one checkpoint (random field)."""
-    prepare_run_dir(cfg, run_dir)
+    RunDir(run_dir).prepare(cfg)
     torch.manual_seed(seed)
     field, background = build_field(cfg.field)
     save_checkpoint(run_dir / "checkpoints", iteration,
@@ -52,8 +47,16 @@ def make_run(run_dir: Path, cfg: RunConfig, iteration: int, seed: int = 0) -> No
 # Trajectories
 
 
+def test_the_evaluation_camera_is_the_authors_eval_camera() -> None:
+    # data.eval_camera_distance: 3.0, data.eval_fovy_deg: 40 (authors' stage configs), elevation 15 (threestudio).
+    assert (EVAL_CAMERA.elevation_deg, EVAL_CAMERA.distance, EVAL_CAMERA.fovy_deg) == (15.0, 3.0, 40.0)
+    assert (orbit.OrbitConfig().elevation_deg, orbit.OrbitConfig().distance, orbit.OrbitConfig().fovy_deg) == (
+        15.0, 3.0, 40.0)
+    assert gt_metrics.GTMetricsConfig().camera == EVAL_CAMERA
+
+
 def test_authors_trajectory_matches_the_official_124_views() -> None:
-    cams, times = orbit.authors_trajectory(64)
+    cams, times = authors_path(64)
     # By hand from uncond.py (motion_smooth, num_frames 16 × factor 4): per loop 16 views held at the start
     # azimuth, then 15 views of linspace(start, start − 90, 16)[1:] (6° steps).
     expected_az: list[float] = []
@@ -92,16 +95,15 @@ def test_orbit_config_errors_name_the_field(kwargs: dict, key: str) -> None:
         orbit.OrbitConfig(**kwargs).validate()
 
 
-def test_render_trajectory_renders_each_view_at_its_own_time() -> None:
+def test_render_views_renders_each_view_at_its_own_time() -> None:
     seen: list[float] = []
 
     def recording_field(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         seen.extend(t.unique().tolist())
         return torch.zeros(x.shape[0]), torch.zeros(x.shape[0], 3)
 
-    cams, times = orbit.orbit_trajectory(4)
-    out = orbit.render_trajectory(recording_field, Renderer(RendererConfig(n_samples=4)), cams, times, 5, WHITE,
-                                  chunk=1)
+    cams, times = orbit_path(4)
+    out = render_views(recording_field, Renderer(RendererConfig(n_samples=4)), cams, times, 5, WHITE, chunk=1)
     assert sorted(set(seen)) == pytest.approx(times.tolist())
     assert out["rgb"].shape == (4, 5, 5, 3) and out["depth"].shape == (4, 5, 5)
     assert torch.equal(out["rgb"], torch.ones(4, 5, 5, 3))  # empty field on white
@@ -150,7 +152,7 @@ def test_render_run_restores_the_annealed_density_blob(tmp_path: Path) -> None:
 def test_orbit_errors_name_the_path(tmp_path: Path, smoke_cfg: RunConfig, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         orbit.render_run(tmp_path / "nowhere")
-    prepare_run_dir(smoke_cfg, tmp_path / "fresh")  # started, no checkpoint yet
+    RunDir(tmp_path / "fresh").prepare(smoke_cfg)  # started, no checkpoint yet
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "fresh" / "checkpoints")):
         orbit.render_run(tmp_path / "fresh")
     other = tmp_path / "other"
@@ -210,7 +212,7 @@ def test_psnr_ssim_and_depth_of_a_wrong_scene_match_a_hand_computation() -> None
         ssims += [structural_similarity(p.double().numpy(), g.double().numpy(), channel_axis=-1, data_range=1.0)
                   for p, g in zip(pred["rgb"], gt["rgb"], strict=True)]
         mask = gt["opacity"] > 0.5
-        depth.append((pred["depth_normalized"] - gt["depth_normalized"]).abs()[mask])
+        depth.append((pred["depth"] - gt["depth"]).abs()[mask])
     assert m["psnr"] == pytest.approx(10 * math.log10(1 / np.mean(sq)), rel=1e-5)
     assert m["ssim"] == pytest.approx(np.mean(ssims), rel=1e-6)
     assert m["depth_error"] == pytest.approx(float(torch.cat(depth).mean()), rel=1e-5)

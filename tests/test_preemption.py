@@ -25,15 +25,13 @@ from typing import Any
 
 import pytest
 import torch
-from configs import compose_run_config
-from run_helpers import flatten_state
+from helpers.runs import flatten_state
 
-from fourdfy.api import build_field, build_guidances, generate
+from fourdfy.api import generate
+from fourdfy.build import build_trainer
 from fourdfy.checkpoint import list_checkpoints, load_latest_checkpoint
-from fourdfy.hybrid import HybridSchedule
+from fourdfy.config import compose_run_config
 from fourdfy.preemption import checkpoint_on_signal
-from fourdfy.render.volume import Renderer
-from fourdfy.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 # checkpoint_every far past the end: the only checkpoints are the stage ends (20, 26, 36) and the signal's.
@@ -165,15 +163,12 @@ def test_default_previous_handler_terminates_the_process_at_hand_over():
 def test_ignored_signal_saves_a_checkpoint_and_training_carries_on(tmp_path, usr2_handler, capsys):
     cfg = compose_run_config(["preset=smoke", "schedule.stage_lengths=[4,2,2]",
                               "trainer.checkpoint_every=1000", "trainer.keep_checkpoints=10"])
-    field, background = build_field(cfg.field)
 
     def send(trainer, iteration):
         if iteration == 1:
             os.kill(os.getpid(), signal.SIGUSR2)
 
-    trainer = Trainer(cfg.trainer, field, background, Renderer(cfg.renderer), build_guidances(cfg),
-                      HybridSchedule(cfg.schedule), cfg.cameras, cfg.prompt, tmp_path, seed=cfg.seed,
-                      callbacks=[send])
+    trainer = build_trainer(cfg, tmp_path, callbacks=[send])
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     trainer.train()
     assert trainer.iteration == 8
@@ -204,7 +199,7 @@ _CHILD = """
 import json, os, signal, sys, time
 from pathlib import Path
 sys.path[:0] = [{repo!r}, {tests!r}]
-from configs import compose_run_config
+from fourdfy.config import compose_run_config
 from fourdfy.api import generate
 
 run_dir = Path({run_dir!r})

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from configs import compose_run_config
-from tiny_models import build_tiny_guidances
+from helpers.tiny_models import build_tiny_guidances
 
-from fourdfy.api import build_field
-from fourdfy.hybrid import HybridSchedule
-from fourdfy.render.volume import Renderer
-from fourdfy.trainer import Trainer
+from fourdfy.build import build_trainer
+from fourdfy.config import compose_run_config
+from fourdfy.kinds import ParamGroup
 
 
 @pytest.fixture(scope="module")
@@ -24,18 +22,17 @@ def test_one_iteration_of_each_kind_reaches_the_field(kind, tiny_guidances, tmp_
     n_frames = tiny_guidances["vid"].n_views
     cfg = compose_run_config(["preset=smoke", "schedule.stage_lengths=[1,1,1]", f"trainer.n_frames={n_frames}",
                               "renderer.n_samples=8"])
-    field, background = build_field(cfg.field)
-    trainer = Trainer(cfg.trainer, field, background, Renderer(cfg.renderer), tiny_guidances,
-                      HybridSchedule(cfg.schedule), cfg.cameras, "a panda dancing", tmp_path, seed=0)
+    cfg.prompt = "a panda dancing"
+    trainer = build_trainer(cfg, tmp_path, guidances=tiny_guidances)
     trainer.schedule.kind = lambda iteration, generator: kind  # force the update kind under test
     trainer.iteration = {"3d": 0, "img": 1, "vid": 2}[kind]
     trainer.cfg.lambda_sparsity = trainer.cfg.lambda_opacity_entropy = 0.0  # only the prior's gradient
-    before = [p.detach().clone() for p in trainer.groups["static"]]
-    dynamic_before = [p.detach().clone() for p in trainer.groups["dynamic"]]
+    before = [p.detach().clone() for p in trainer.groups[ParamGroup.STATIC]]
+    dynamic_before = [p.detach().clone() for p in trainer.groups[ParamGroup.DYNAMIC]]
     scalars = trainer.step()
     assert scalars["kind"] == kind and scalars["skipped_steps"] == 0
     assert torch.isfinite(torch.tensor(scalars["loss"]))
-    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.groups["static"], strict=True))
-    dynamic_changed = any(not torch.equal(a, b) for a, b in zip(dynamic_before, trainer.groups["dynamic"],
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.groups[ParamGroup.STATIC], strict=True))
+    dynamic_changed = any(not torch.equal(a, b) for a, b in zip(dynamic_before, trainer.groups[ParamGroup.DYNAMIC],
                                                                 strict=True))
     assert dynamic_changed == (kind == "vid")

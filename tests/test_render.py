@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from fourdfy.render.cameras import cameras_from_spherical, orbit_cameras
+from fourdfy.render.cameras import cameras_from_spherical
 from fourdfy.render.rays import get_rays, ray_sphere_near_far
+from fourdfy.render.trajectories import orbit_cameras
 from fourdfy.render.volume import Renderer, RendererConfig, composite
 
 
@@ -331,10 +332,10 @@ def test_bad_field_output_and_config_are_reported():
 
     with pytest.raises(ValueError, match="density"):
         Renderer().render(bad_field, cams, torch.zeros(1), 4, 4, train=False)
-    with pytest.raises(ValueError, match="n_samples"):
-        RendererConfig(n_samples=0)
-    with pytest.raises(ValueError, match="chunk_rays"):
-        RendererConfig(chunk_rays=0)
+    with pytest.raises(ValueError, match="renderer.n_samples"):
+        Renderer(RendererConfig(n_samples=0))
+    with pytest.raises(ValueError, match="renderer.chunk_rays"):
+        RendererConfig(chunk_rays=0).validate()
 
 
 # ---------------------------------------------------------------- occupancy grid (optional path)

@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 import torch
-from run_helpers import flatten_state
+from helpers.runs import flatten_state
 
 REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = ["preset=smoke", "schedule.stage_lengths=[10,10,40]", "trainer.checkpoint_every=5"]

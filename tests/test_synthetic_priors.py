@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fourdfy.guidance.noise import scaled_linear_alphas_cumprod
-from fourdfy.render.cameras import cameras_from_spherical, orbit_cameras
+from fourdfy.render.cameras import cameras_from_spherical
+from fourdfy.render.trajectories import orbit_cameras
 from fourdfy.synthetic.priors import (
     ToyDataConfig,
     ToyVideoConfig,

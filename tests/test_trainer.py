@@ -8,25 +8,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from configs import compose_run_config
-from run_helpers import run_generate_in_subprocess
+from helpers.runs import run_generate_in_subprocess
 
-from fourdfy.api import build_field, build_guidances, generate
+from fourdfy.api import generate
+from fourdfy.build import build_trainer
 from fourdfy.checkpoint import list_checkpoints, load_latest_checkpoint
+from fourdfy.config import compose_run_config
 from fourdfy.guidance.base import GuidanceOut
-from fourdfy.hybrid import HybridSchedule
-from fourdfy.render.volume import Renderer
-from fourdfy.trainer import Trainer
+from fourdfy.kinds import ParamGroup
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = ["preset=smoke", "schedule.stage_lengths=[10,10,10]", "trainer.checkpoint_every=5"]
 
 
 def _trainer(cfg, run_dir, guidances=None, callbacks=None):
-    field, background = build_field(cfg.field)
-    return Trainer(cfg.trainer, field, background, Renderer(cfg.renderer), guidances or build_guidances(cfg),
-                   HybridSchedule(cfg.schedule), cfg.cameras, cfg.prompt, run_dir, seed=cfg.seed,
-                   callbacks=callbacks)
+    return build_trainer(cfg, run_dir, guidances=guidances, callbacks=callbacks)
 
 
 def _snapshot(params):
@@ -38,11 +34,12 @@ def test_dynamic_grid_changes_only_on_video_steps(tmp_path):
     trainer = _trainer(cfg, tmp_path)
     kinds_seen = set()
     for _ in range(30):
-        dyn, static = _snapshot(trainer.groups["dynamic"]), _snapshot(trainer.groups["static"])
+        dyn, static = _snapshot(trainer.groups[ParamGroup.DYNAMIC]), _snapshot(trainer.groups[ParamGroup.STATIC])
         scalars = trainer.step()
         kinds_seen.add(scalars["kind"])
-        dyn_changed = any(not torch.equal(a, b) for a, b in zip(dyn, trainer.groups["dynamic"], strict=True))
-        static_changed = any(not torch.equal(a, b) for a, b in zip(static, trainer.groups["static"], strict=True))
+        groups = trainer.groups
+        dyn_changed = any(not torch.equal(a, b) for a, b in zip(dyn, groups[ParamGroup.DYNAMIC], strict=True))
+        static_changed = any(not torch.equal(a, b) for a, b in zip(static, groups[ParamGroup.STATIC], strict=True))
         assert dyn_changed == (scalars["kind"] == "vid"), scalars
         assert static_changed, scalars
         if scalars["stage"] == 3:
@@ -96,7 +93,7 @@ class _NaNGuidance:
     def render_size(self, step):
         return self.native_size
 
-    def finetune_step(self, *args):
+    def finetune_step(self, renders, prompt, cameras, step, latents=None):
         return {}
 
     def state_dict(self):
@@ -130,6 +127,37 @@ class _SizeSpyGuidance(_NaNGuidance):
         return GuidanceOut(renders.mean())
 
 
+class _FinetuneSpyGuidance(_NaNGuidance):
+    """A finite loss; records each finetune_step call and hands a marker tensor over as its latents."""
+
+    def __init__(self):
+        self.calls = []
+        self.marker = torch.full((1,), 7.0)
+
+    def __call__(self, renders, prompt, cameras, times, step):
+        return GuidanceOut(renders.mean(), latents=self.marker)
+
+    def finetune_step(self, renders, prompt, cameras, step, latents=None):
+        self.calls.append((step, tuple(renders.shape), renders.requires_grad, latents is self.marker))
+        return {"finetuned": 1.0}
+
+
+@pytest.mark.parametrize("kind", ["3d", "vid"])
+def test_every_kind_of_prior_gets_its_finetune_step_with_the_latents_of_its_call(tmp_path, kind):
+    # Not only the image prior: a 3D or video prior with trainable state must train too.
+    stages = "[2,0,0]" if kind == "3d" else "[0,0,2]"
+    extra = [] if kind == "3d" else ["schedule.stage3_video_only=true"]
+    cfg = compose_run_config(SMOKE + [f"schedule.stage_lengths={stages}", *extra])
+    spy = _FinetuneSpyGuidance()
+    if kind == "vid":
+        spy.n_views, spy.is_video = cfg.trainer.n_frames, True
+    trainer = _trainer(cfg, tmp_path, guidances={kind: spy})
+    scalars = [trainer.step(), trainer.step()]
+    n = spy.n_views
+    assert spy.calls == [(0, (n, 16, 16, 3), False, True), (1, (n, 16, 16, 3), False, True)]
+    assert all(s[f"{kind}/finetuned"] == 1.0 for s in scalars)
+
+
 def test_renders_have_the_size_the_guidance_asks_for_at_each_step(tmp_path):
     cfg = compose_run_config(SMOKE + ["schedule.stage_lengths=[4,0,0]"])
     spy = _SizeSpyGuidance()
@@ -153,7 +181,7 @@ def test_finished_run_is_not_redone_and_incompatible_resume_is_refused(tmp_path,
 
 def test_schedule_without_a_guidance_for_its_kinds_is_refused(tmp_path):
     cfg = compose_run_config(SMOKE)
-    with pytest.raises(ValueError, match="no 'vid' guidance"):
+    with pytest.raises(ValueError, match=r"draws \['vid'\] updates but no guidance"):
         _trainer(cfg, tmp_path, guidances={"3d": _NaNGuidance(), "img": _NaNGuidance()})
 
 

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from configs import compose_run_config
 
 from fourdfy.api import generate
+from fourdfy.config import compose_run_config
 
 pytest.importorskip("wandb")
 

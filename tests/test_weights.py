@@ -9,22 +9,35 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
+from helpers.tiny_models import (
+    save_tiny_models,
+    save_tiny_mvdream,
+    save_tiny_sd,
+    tiny_mvdream_config,
+    tiny_sd_vsd_config,
+    tiny_zeroscope_config,
+)
 from huggingface_hub import constants as hub_constants
-from tiny_models import save_tiny_mvdream, save_tiny_sd, tiny_mvdream_config, tiny_sd_vsd_config
 
+from fourdfy.config import RunConfig
+from fourdfy.guidance.configs import MVDreamConfig, SDVSDConfig, ZeroscopeConfig
 from fourdfy.guidance.memory import parse_dtype, resolve_dtype
-from fourdfy.guidance.mvdream import MVDreamConfig, MVDreamGuidance
-from fourdfy.guidance.sd_vsd import SDVSDConfig, SDVSDGuidance
+from fourdfy.guidance.mvdream import MVDreamGuidance
+from fourdfy.guidance.real import build_real_guidances
+from fourdfy.guidance.sd_vsd import SDVSDGuidance
 from fourdfy.guidance.weights import (
     ModelNotAvailableError,
+    PredictionType,
     PretrainedLocation,
     hub_offline,
+    load_frozen,
     load_noise_schedule,
-    load_unet2d,
     locate_pretrained,
     resolve_checkpoint_file,
 )
-from fourdfy.guidance.zeroscope import ZeroscopeConfig, ZeroscopeGuidance
+from fourdfy.guidance.zeroscope import ZeroscopeGuidance
+from fourdfy.kinds import UpdateKind
 
 SD_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -114,7 +127,7 @@ def test_hub_id_loads_from_the_local_cache_offline(tiny_sd: Path, empty_offline_
     _fake_hub_snapshot(empty_offline_hub, "someone/tiny-sd", tiny_sd)
     loc = locate_pretrained("someone/tiny-sd", "k", SD_PARTS)
     assert loc == PretrainedLocation("someone/tiny-sd", local_files_only=True)
-    unet = load_unet2d(loc, "k", torch.float32)
+    unet = load_frozen(UNet2DConditionModel, loc, "unet", "k", torch.float32)
     assert unet.config.cross_attention_dim == 32 and not any(p.requires_grad for p in unet.parameters())
 
 
@@ -138,7 +151,7 @@ def test_noise_schedule_from_scheduler_config(tiny_sd: Path, tmp_path: Path) -> 
     schedule = load_noise_schedule(PretrainedLocation(str(tiny_sd), True), "k")
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
     torch.testing.assert_close(schedule.alphas_cumprod, torch.cumprod(1 - betas, 0))
-    assert schedule.prediction_type == "epsilon"
+    assert schedule.prediction_type == "epsilon" and schedule.prediction_type is PredictionType.epsilon
     other = tmp_path / "linear"
     shutil.copytree(tiny_sd / "scheduler", other / "scheduler")
     config = json.loads((other / "scheduler" / "scheduler_config.json").read_text())
@@ -147,6 +160,38 @@ def test_noise_schedule_from_scheduler_config(tiny_sd: Path, tmp_path: Path) -> 
     )
     with pytest.raises(ValueError, match="beta_schedule='linear'"):
         load_noise_schedule(PretrainedLocation(str(other), True), "k")
+
+
+def test_a_failed_load_names_the_key_and_the_part(tiny_sd: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_sd, broken)
+    for weights in (broken / "unet").glob("diffusion_pytorch_model*"):
+        weights.unlink()
+    loc = locate_pretrained(str(broken), "guidance.sd_vsd.pretrained_model", SD_PARTS)  # config.json is there
+    with pytest.raises(ModelNotAvailableError, match=r"guidance\.sd_vsd\.pretrained_model = .*loading unet/ failed"):
+        load_frozen(UNet2DConditionModel, loc, "unet", "guidance.sd_vsd.pretrained_model", torch.float32)
+
+
+def test_real_backend_builds_the_priors_of_the_kinds_used(tmp_path: Path) -> None:
+    """Keyed by UpdateKind, only the kinds the schedule draws; every missing model in one error."""
+    cfg = RunConfig()
+    cfg.schedule.stage_lengths = [2, 0, 0]  # stage 1 only: 3D updates only
+    with pytest.raises(ModelNotAvailableError) as info:
+        build_real_guidances(cfg)
+    assert "guidance.mvdream.checkpoint" in str(info.value) and "guidance.sd_vsd" not in str(info.value)
+    cfg.schedule.stage_lengths = [1, 1, 1]  # every kind
+    with pytest.raises(ModelNotAvailableError) as info:
+        build_real_guidances(cfg)
+    for key in ("guidance.mvdream.checkpoint", "guidance.sd_vsd.pretrained_model",
+                "guidance.sd_vsd.lora_pretrained_model", "guidance.zeroscope.pretrained_model"):
+        assert key in str(info.value)
+    paths = save_tiny_models(tmp_path / "tiny")
+    cfg.guidance.mvdream = tiny_mvdream_config(paths["mvdream"], paths["sd_base"])
+    cfg.guidance.sd_vsd = tiny_sd_vsd_config(paths["sd_base"], paths["sd_v"])
+    cfg.guidance.zeroscope = tiny_zeroscope_config(paths["zeroscope"])
+    guidances = build_real_guidances(cfg)
+    assert list(guidances) == [UpdateKind.MULTIVIEW, UpdateKind.IMAGE, UpdateKind.VIDEO]
+    assert isinstance(guidances["3d"], MVDreamGuidance) and isinstance(guidances["vid"], ZeroscopeGuidance)
 
 
 def test_loading_through_from_config_uses_the_tiny_folders(tiny_sd: Path, tmp_path: Path) -> None:

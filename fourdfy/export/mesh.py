@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from fourdfy.export.video import atomic_output, ensure_writable_dir
+from fourdfy.render.views import field_device
 from fourdfy.render.volume import Field
 
 MESH_FORMATS = ("ply", "obj")
@@ -66,17 +67,10 @@ def _check_threshold(threshold: float) -> None:
                          f"object), got {threshold}")
 
 
-def _device_of(field: Field) -> torch.device:
-    if isinstance(field, torch.nn.Module):
-        for p in field.parameters():
-            return p.device
-    return torch.device("cpu")
-
-
 @torch.no_grad()
 def _query(field: Field, points: torch.Tensor, t: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """field at points [N, 3] and time t, chunk points per call. Returns CPU (density [N], rgb [N, 3])."""
-    device = _device_of(field)
+    device = field_device(field)
     densities, colours = [], []
     for start in range(0, points.shape[0], chunk):
         x = points[start : start + chunk].to(device)

@@ -31,20 +31,12 @@ from fourdfy.export.mesh import (
     write_animated_glb,
     write_mesh_sequence,
 )
-from fourdfy.export.video import (
-    EVAL_DISTANCE,
-    colorize_depth,
-    fixed_view_path,
-    orbit_path,
-    render_frames,
-    render_views_by_time,
-    write_grid,
-    write_video,
-)
+from fourdfy.export.video import colorize_depth, render_views_by_time, write_grid, write_video
+from fourdfy.render.trajectories import EVAL_CAMERA, fixed_view_path, orbit_path
+from fourdfy.render.views import WHITE, render_views
 from fourdfy.render.volume import Field, Renderer, RendererConfig
+from fourdfy.synthetic.metrics import GTMetricsConfig, field_metrics
 from fourdfy.tracking import Logger
-
-WHITE = (1.0, 1.0, 1.0)  # exports are rendered on white, like the paper's figures
 
 
 def eval_renderer(cfg: RunConfig) -> Renderer:
@@ -62,10 +54,9 @@ def export_videos(
     ev, out_dir = cfg.eval, Path(out_dir)
     renderer = renderer or eval_renderer(cfg)
     caption = cfg.prompt if ev.captions else None
-    white = torch.tensor(WHITE)
     written: dict[str, Path] = {}
     cams, times = orbit_path(ev.video_frames)
-    orbit = render_frames(field, renderer, cams, times, ev.video_size, white)
+    orbit = render_views(field, renderer, cams, times, ev.video_size, WHITE)
     written["orbit"] = write_video(orbit["rgb"], out_dir / "orbit.mp4", fps=ev.fps)
     if caption is not None:
         written["orbit_captioned"] = write_video(orbit["rgb"], out_dir / "orbit_captioned.mp4", fps=ev.fps,
@@ -76,16 +67,16 @@ def export_videos(
         return written
     # The scene sphere spans [distance − radius, distance + radius] from every orbit camera: a fixed colour
     # range for the whole depth video.
-    radius = renderer.cfg.radius
-    depth = colorize_depth(orbit["depth"], orbit["opacity"], EVAL_DISTANCE - radius, EVAL_DISTANCE + radius,
+    radius, distance = renderer.cfg.radius, EVAL_CAMERA.distance
+    depth = colorize_depth(orbit["depth"], orbit["opacity"], distance - radius, distance + radius,
                            ev.depth_colormap, WHITE)
     written["depth"] = write_video(depth, out_dir / "depth.mp4", fps=ev.fps,
                                    caption=f"{cfg.prompt} (depth)" if caption is not None else None)
     cams, times = orbit_path(ev.extra_video_frames, time_advances=False)
-    static = render_frames(field, renderer, cams, times, ev.video_size, white)["rgb"]
+    static = render_views(field, renderer, cams, times, ev.video_size, WHITE)["rgb"]
     written["static_orbit"] = write_video(static, out_dir / "static_orbit.mp4", fps=ev.fps, caption=caption)
     cams, times = fixed_view_path(ev.extra_video_frames, azimuth=ev.fixed_view_azimuth)
-    fixed = render_frames(field, renderer, cams, times, ev.video_size, white)["rgb"]
+    fixed = render_views(field, renderer, cams, times, ev.video_size, WHITE)["rgb"]
     written["fixed_view"] = write_video(fixed, out_dir / "fixed_view.mp4", fps=ev.fps, caption=caption)
     return written
 
@@ -94,7 +85,7 @@ def export_grid(cfg: RunConfig, field: Field, out_dir: Path, renderer: Renderer 
     """grid.png: eval.grid_views rows (viewpoints) × eval.grid_times columns (time steps)."""
     ev = cfg.eval
     grid = render_views_by_time(field, renderer or eval_renderer(cfg), ev.grid_views, ev.grid_times,
-                                ev.video_size, torch.tensor(WHITE))
+                                ev.video_size, WHITE)
     return write_grid(grid, Path(out_dir) / "grid.png", caption=cfg.prompt if ev.captions else None)
 
 
@@ -128,7 +119,12 @@ def export_meshes(
 def write_outputs(
     cfg: RunConfig, field: torch.nn.Module, run_dir: Path, logger: Logger, step: int
 ) -> dict[str, float]:
-    """Videos, views×time grid, curves.png, meshes (if eval.mesh_on_finish), toy-world metrics."""
+    """Videos, views×time grid, curves.png, meshes (if eval.mesh_on_finish), toy-world metrics.
+
+    Returns the toy world's ground-truth metrics (:func:`fourdfy.synthetic.metrics.field_metrics` at the run's
+    eval settings: the numbers ``python -m eval.gt_metrics RUN_DIR`` gives for the final checkpoint), or {}
+    for a run with real priors.
+    """
     run_dir = Path(run_dir)
     renders = run_dir / "renders"
     ev = cfg.eval
@@ -152,9 +148,7 @@ def write_outputs(
             warnings.warn(f"meshes not written: {err}", stacklevel=2)
     metrics: dict[str, float] = {}
     if cfg.guidance.backend == "synthetic":
-        from fourdfy.synthetic.evaluate import ground_truth_metrics
-
-        metrics.update(ground_truth_metrics(field, cfg.prompt, ev.times, ev.orbit_views, ev.size,
-                                            ev.n_samples, radius=cfg.guidance.synthetic.data.render_radius))
+        metrics.update(field_metrics(field, cfg.prompt, GTMetricsConfig.from_eval(ev),
+                                     render_radius=cfg.guidance.synthetic.data.render_radius))
         logger.log({f"eval/{k}": v for k, v in metrics.items()}, step)
     return metrics

@@ -1,21 +1,18 @@
-"""Videos and image grids of a field: orbits, a fixed view over time, depth, and the paper's Fig. 1 grid.
+"""Videos and image grids of a field: writers, captions, depth colours, and the paper's Fig. 1 grid.
 
-Camera paths (each a batch of cameras and one time per frame):
-- orbit: an azimuth orbit with time advancing 0 → 1 along it (MAV3D / 4D-fy evaluation protocol);
-- static orbit: the same orbit frozen at t = 0 (the 3D shape alone);
-- fixed view: one camera while time runs 0 → 1 (the motion alone).
-Depth frames are coloured with a matplotlib colour map over the camera's span of the scene sphere.
+The camera paths (orbit, static orbit, fixed view) are fourdfy/render/trajectories.py's and frames are
+rendered by fourdfy/render/views.py's render_views. Depth frames are coloured with a matplotlib colour map
+over the camera's span of the scene sphere.
 Captions (the prompt on a white band above the frames) are for people; ``renders/orbit.mp4`` stays
 caption-free because CLIP scoring and the user study read it, and rendered text would leak into both.
 
-Every file is written to a temporary name in its folder and renamed (:func:`atomic_output`), so an
-interrupted export never leaves a truncated file under the final name.
+Every file is written through :func:`atomic_output` (fourdfy/atomic.py's atomic_path after a check that
+the folder is writable), so an interrupted export never leaves a truncated file under the final name.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,16 +22,11 @@ import imageio.v3 as iio
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, features
-from torch import nn
 
-from fourdfy.render.cameras import Cameras, cameras_from_spherical, orbit_cameras
+from fourdfy.atomic import atomic_path
+from fourdfy.render.trajectories import orbit_cameras
+from fourdfy.render.views import WHITE, render_views
 from fourdfy.render.volume import Background, Field, Renderer
-
-# Evaluation camera (REFERENCE.md §Rendering: elevation 15°, distance 3.0, FoV 40°; the authors'
-# data.eval_camera_distance: 3.0, eval_fovy_deg: 40), shared by every path below.
-EVAL_ELEVATION = 15.0
-EVAL_DISTANCE = 3.0
-EVAL_FOVY_DEG = 40.0
 
 # Captions: frames narrower than this are enlarged (nearest neighbour, integer factor) before the band
 # is added, so that the prompt stays legible on toy-sized (16–64 px) renders.
@@ -69,19 +61,13 @@ def ensure_writable_dir(folder: Path) -> Path:
 
 @contextmanager
 def atomic_output(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` (same suffix, so writers pick the same format); on success
-    rename it to ``path`` (atomic on POSIX), on any error or interrupt delete it and leave ``path`` as it was.
+    """:func:`fourdfy.atomic.atomic_path` for an export: first create the folder and check that it is writable
+    (:func:`ensure_writable_dir`), so an unwritable folder is reported by name rather than as a failed write.
     """
     path = Path(path)
     ensure_writable_dir(path.parent)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
+    with atomic_path(path) as tmp:
         yield tmp
-        if not tmp.exists():
-            raise RuntimeError(f"the writer of {path} produced no file")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _to_uint8(rgb: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -91,78 +77,7 @@ def _to_uint8(rgb: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# Camera paths and rendering
-
-
-def orbit_path(
-    n_frames: int, elevation: float = EVAL_ELEVATION, distance: float = EVAL_DISTANCE,
-    fovy_deg: float = EVAL_FOVY_DEG, time_advances: bool = True,
-) -> tuple[Cameras, torch.Tensor]:
-    """An azimuth orbit of n_frames cameras (0°, 360°/n, ...) and times [n_frames]: linspace(0, 1) when
-    time_advances, else all 0 (the static orbit)."""
-    cams = orbit_cameras(n_frames, elevation=elevation, distance=distance, fovy_deg=fovy_deg)
-    times = torch.linspace(0.0, 1.0, n_frames) if time_advances else torch.zeros(n_frames)
-    return cams, times
-
-
-def fixed_view_path(
-    n_frames: int, azimuth: float = 0.0, elevation: float = EVAL_ELEVATION, distance: float = EVAL_DISTANCE,
-    fovy_deg: float = EVAL_FOVY_DEG,
-) -> tuple[Cameras, torch.Tensor]:
-    """One camera repeated n_frames times, with times linspace(0, 1, n_frames): the motion alone."""
-    if not isinstance(n_frames, int) or n_frames < 1:
-        raise ValueError(f"n_frames must be a positive int, got {n_frames!r}")
-    cams = cameras_from_spherical(elevation, torch.full((n_frames,), float(azimuth)), distance, fovy_deg)
-    return cams, torch.linspace(0.0, 1.0, n_frames)
-
-
-def _device_of(field: Field) -> torch.device:
-    """Where the field's parameters live (CPU for a parameter-free callable such as a toy scene)."""
-    if isinstance(field, nn.Module):
-        for p in field.parameters():
-            return p.device
-    return torch.device("cpu")
-
-
-@torch.no_grad()
-def render_frames(
-    field: Field, renderer: Renderer, cameras: Cameras, times: torch.Tensor, size: int,
-    background: Background | None, chunk: int = 8,
-) -> dict[str, torch.Tensor]:
-    """Render B = len(cameras) square frames, ``chunk`` cameras per renderer call (bounds memory).
-
-    times: [B]. Returns (on the CPU) rgb [B, size, size, 3] in [0,1], depth [B, size, size] (expected
-    distance of the visible surface from the camera, 0 where nothing is hit), opacity [B, size, size].
-    """
-    if times.shape != (len(cameras),):
-        raise ValueError(f"times must be [B]=[{len(cameras)}], got {tuple(times.shape)}")
-    if not isinstance(size, int) or size < 1:
-        raise ValueError(f"size must be a positive int, got {size!r}")
-    device = _device_of(field)
-    cameras, times = cameras.to(device), times.to(device)
-    keys = {"rgb": "rgb", "depth": "depth_normalized", "opacity": "opacity"}
-    pieces: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
-    for i in range(0, len(cameras), chunk):
-        out = renderer.render(field, cameras[i : i + chunk], times[i : i + chunk], size, size,
-                              background=background, train=False)
-        for ours, theirs in keys.items():
-            pieces[ours].append(out[theirs].cpu())
-    return {k: torch.cat(v) for k, v in pieces.items()}
-
-
-@torch.no_grad()
-def render_orbit(
-    field: Field, renderer: Renderer, n_frames: int, size: int, background: Background | None,
-    elevation: float = EVAL_ELEVATION, distance: float = EVAL_DISTANCE, fovy_deg: float = EVAL_FOVY_DEG,
-    time_advances: bool = True, chunk: int = 8,
-) -> torch.Tensor:
-    """An azimuth orbit with time advancing from 0 to 1 along it (MAV3D/4D-fy evaluation protocol), or
-    frozen at t = 0 when time_advances is False.
-
-    Returns frames [n_frames, size, size, 3] in [0,1].
-    """
-    cams, times = orbit_path(n_frames, elevation, distance, fovy_deg, time_advances)
-    return render_frames(field, renderer, cams, times, size, background, chunk)["rgb"]
+# The views×time grid
 
 
 @torch.no_grad()
@@ -173,11 +88,11 @@ def render_views_by_time(
     time steps linspace(0, 1, n_times). Returns [V, T, H, W, 3]."""
     if not isinstance(n_times, int) or n_times < 1:
         raise ValueError(f"n_times must be a positive int, got {n_times!r}")
-    cams = orbit_cameras(n_views, elevation=EVAL_ELEVATION, distance=EVAL_DISTANCE, fovy_deg=EVAL_FOVY_DEG)
+    cams = orbit_cameras(n_views)
     times = torch.linspace(0.0, 1.0, n_times)
     rows = []
     for v in range(n_views):
-        rows.append(render_frames(field, renderer, cams[[v] * n_times], times, size, background)["rgb"])
+        rows.append(render_views(field, renderer, cams[[v] * n_times], times, size, background)["rgb"])
     return torch.stack(rows)
 
 
@@ -187,7 +102,7 @@ def render_views_by_time(
 
 def colorize_depth(
     depth: torch.Tensor, opacity: torch.Tensor, near: float, far: float, colormap: str = "turbo",
-    background: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    background: torch.Tensor | tuple[float, float, float] = WHITE,
 ) -> torch.Tensor:
     """Depth frames [..., H, W] as colours [..., H, W, 3] in [0,1].
 
@@ -210,7 +125,7 @@ def colorize_depth(
     closeness = ((far - depth.double()) / (far - near)).clamp(0.0, 1.0).cpu().numpy()
     colours = torch.from_numpy(cmap(closeness)[..., :3]).float()
     alpha = opacity.float().clamp(0.0, 1.0).cpu()[..., None]
-    return alpha * colours + (1.0 - alpha) * torch.tensor(background)
+    return alpha * colours + (1.0 - alpha) * torch.as_tensor(background, dtype=torch.float32).cpu()
 
 
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:

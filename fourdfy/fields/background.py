@@ -1,4 +1,5 @@
-"""The environment behind the object: a view-direction MLP (REFERENCE.md §Representation).
+"""The environment behind the object: a view-direction MLP (authors' configs/fourdfy_stage_*.yaml
+``background_type: neural-environment-map-background``).
 
 threestudio's "neural-environment-map-background" as used by 4D-fy: spherical-harmonics encoding
 (degree 3, 16 coefficients) of the ray direction → MLP with 2 hidden layers of 16 → sigmoid.

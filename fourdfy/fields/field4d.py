@@ -1,6 +1,6 @@
 """The 4D radiance field: static 3D features + dynamic 4D features, then two small MLP heads.
 
-f(x, t) = f_static(x) + f_dynamic(x, t)  (element-wise sum, REFERENCE.md §Representation)
+f(x, t) = f_static(x) + f_dynamic(x, t)  (element-wise sum, paper §3.1 "4D Neural Rendering")
 σ = softplus(density_head(f) + b(x)),  b(x) = blob_density·(1 − ‖x‖/blob_std)  ("blob_magic3d")
 rgb = sigmoid(color_head(f))            (no view dependence, no shading)
 
@@ -16,11 +16,20 @@ checkpointed rather than only the heads.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from dataclasses import field as dc_field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from fourdfy.clock import Scheduled
+from fourdfy.enums import StrChoice
+from fourdfy.fields.background import BackgroundConfig
+from fourdfy.fields.dense import DenseGridConfig
+from fourdfy.fields.hashgrid import HashGridConfig
+from fourdfy.fields.hexplane import HexPlaneConfig
+from fourdfy.kinds import ParamGroup
 
 
 @dataclass
@@ -30,7 +39,42 @@ class HeadsConfig:
     hidden_dim: int = 64  # n_neurons: 64
     n_hidden_layers: int = 1  # n_hidden_layers: 1 -> Linear(32→64) → ReLU → Linear(64→out)
     blob_density: float = 10.0  # density_blob_scale: 10.0 ("blob_magic3d")
-    blob_std: float = 0.5  # density_blob_std: 0.5; stage 3 anneals it towards 5.0 (REFERENCE.md)
+    blob_std: float = 0.5  # density_blob_std: 0.5; stage 3 anneals it (schedule.blob_std_stage3_end)
+
+
+class FieldKind(StrChoice):
+    """Which encodings the field sums."""
+
+    hashgrid = "hashgrid"  # static 3D + dynamic 4D multiresolution hash grids (the paper)
+    hexplane = "hexplane"  # six feature planes (Table 2's "w/ HexPlane" ablation)
+    dense = "dense"  # dense grid_sample grids: the CPU fast path of the toy world
+
+
+@dataclass
+class FieldConfig:
+    """The 4D field: which encodings, the heads, the background (built by fourdfy.build.build_field)."""
+
+    kind: FieldKind = FieldKind.hashgrid  # hashgrid (the paper), hexplane (Table-2 ablation), dense (CPU fast path)
+    static_grid: HashGridConfig = dc_field(default_factory=HashGridConfig)  # 3D grid of x
+    dynamic_grid: HashGridConfig = dc_field(default_factory=HashGridConfig)  # 4D grid of (x, t)
+    hexplane: HexPlaneConfig = dc_field(default_factory=HexPlaneConfig)  # used when kind = hexplane
+    dense: DenseGridConfig = dc_field(default_factory=DenseGridConfig)  # used when kind = dense
+    heads: HeadsConfig = dc_field(default_factory=HeadsConfig)  # density and colour MLPs, density blob
+    background: BackgroundConfig = dc_field(default_factory=BackgroundConfig)  # background MLP
+    box_radius: float = 1.0  # scene box [-1, 1]^3 (authors' system.geometry.radius: 1.0)
+    checkpoint_chunk: int | None = None  # samples per recomputed-in-backward chunk (keeps only x, t); None = off
+
+    def validate(self) -> None:
+        """Raise ValueError naming the key for a value out of range."""
+        if self.checkpoint_chunk is not None and self.checkpoint_chunk < 1:
+            raise ValueError(
+                f"field.checkpoint_chunk must be >= 1 (samples per recomputed chunk) or null (off), "
+                f"got {self.checkpoint_chunk}"
+            )
+        if self.heads.hidden_dim < 1:
+            raise ValueError(f"field.heads.hidden_dim must be >= 1, got {self.heads.hidden_dim}")
+        if not self.box_radius > 0:
+            raise ValueError(f"field.box_radius must be > 0, got {self.box_radius}")
 
 
 def _mlp(width_in: int, hidden: int, n_hidden: int, width_out: int) -> nn.Sequential:
@@ -52,6 +96,8 @@ class Field4D(nn.Module):
         box_radius: half-size of the scene box [-r, r]^3; points outside have zero density.
         checkpoint_chunk: samples per activation-checkpointed chunk when a graph is recorded; None
             evaluates in one piece and keeps every activation for backward (the default).
+        blob_std: the density blob's std as a quantity scheduled on the run's clock (annealed in stage 3);
+            None holds ``heads.blob_std``.
     """
 
     def __init__(
@@ -61,6 +107,7 @@ class Field4D(nn.Module):
         heads: HeadsConfig | None = None,
         box_radius: float = 1.0,
         checkpoint_chunk: int | None = None,
+        blob_std: Scheduled | None = None,
     ):
         super().__init__()
         if checkpoint_chunk is not None and (
@@ -82,11 +129,18 @@ class Field4D(nn.Module):
         self.density_head = _mlp(n_features, heads.hidden_dim, heads.n_hidden_layers, 1)
         self.color_head = _mlp(n_features, heads.hidden_dim, heads.n_hidden_layers, 3)
         self.blob_density = heads.blob_density
-        # Set every iteration by the schedule (annealed in stage 3); a plain attribute, not state,
-        # because it is a function of the iteration and so restored by resuming the iteration.
-        self.blob_std = heads.blob_std
+        # A function of the iteration, not state: restored by resuming the iteration (the clock).
+        self._blob_std_fixed = heads.blob_std
+        self._blob_std_scheduled = blob_std
         self.box_radius = box_radius
         self.checkpoint_chunk = checkpoint_chunk
+
+    @property
+    def blob_std(self) -> float:
+        """The density blob's std now: the scheduled value at the clock's iteration, else heads.blob_std."""
+        if self._blob_std_scheduled is None:
+            return self._blob_std_fixed
+        return self._blob_std_scheduled.value()
 
     def features(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [N,3] world, t: [N] -> (features [N,C], inside-box mask [N])."""
@@ -121,7 +175,7 @@ class Field4D(nn.Module):
         plain forward runs without chunks or checkpoint overhead.
         """
         _check_inputs(x, t)
-        # Bound now, not read again in backward: the schedule may set blob_std before the recomputation.
+        # Bound now, not read again in backward: the clock may move on before the recomputation.
         blob_std = self.blob_std
         chunk = self.checkpoint_chunk
         if chunk is None or x.shape[0] == 0 or not self._records_graph(x, t):
@@ -158,12 +212,12 @@ class Field4D(nn.Module):
             return False
         return x.requires_grad or t.requires_grad or any(p.requires_grad for p in self.parameters())
 
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters by role: the hybrid schedule trains "dynamic" only on video steps."""
+    def param_groups(self) -> dict[ParamGroup, list[nn.Parameter]]:
+        """Parameters by role: the hybrid schedule trains DYNAMIC only on video steps."""
         return {
-            "static": list(self.static_encoding.parameters()),
-            "dynamic": list(self.dynamic_encoding.parameters()),
-            "heads": list(self.density_head.parameters()) + list(self.color_head.parameters()),
+            ParamGroup.STATIC: list(self.static_encoding.parameters()),
+            ParamGroup.DYNAMIC: list(self.dynamic_encoding.parameters()),
+            ParamGroup.HEADS: list(self.density_head.parameters()) + list(self.color_head.parameters()),
         }
 
 

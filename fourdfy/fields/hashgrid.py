@@ -29,15 +29,18 @@ stays O(N * D) beyond the output. The random gathers/scatters dominate (memory l
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from fourdfy.enums import StrChoice
 
 # Hash primes of tiny-cuda-nn's `fast_hash` (grid.h); the first is 1 on purpose (memory coherence).
 _TCNN_PRIMES = (1, 2654435761, 805459861, 3674653429)
@@ -49,7 +52,23 @@ _TCNN_INIT_RANGE = 1e-4
 # 32 MiB mmap threshold so it is reused rather than page-faulted anew; 2^11..2^15 measured within noise.
 _DEFAULT_CHUNK = 1 << 13
 
-Backend = Literal["torch", "tcnn"]
+class Backend(StrChoice):
+    """Which kernels evaluate the encoding; both use the same parameters and give the same numbers."""
+
+    torch = "torch"  # the reference: PyTorch ops, any device
+    tcnn = "tcnn"  # tiny-cuda-nn's fused CUDA kernels (optional; no wheel, builds from source with CUDA)
+
+
+@dataclass
+class HashGridConfig:
+    """A multiresolution hash grid (paper §5; authors' configs/fourdfy_stage_*.yaml geometry.pos_encoding_config)."""
+
+    n_levels: int = 16  # n_levels: 16
+    n_features_per_level: int = 2  # n_features_per_level: 2
+    log2_hashmap_size: int = 19  # log2_hashmap_size: 19
+    base_resolution: int = 16  # base_resolution: 16
+    per_level_scale: float = 1.447269237440378  # per_level_scale: finest level 4096
+    backend: Backend = Backend.torch  # torch (reference, default) or tcnn (tiny-cuda-nn, CUDA only)
 
 
 @dataclass(frozen=True)
@@ -380,7 +399,7 @@ class HashGridEncoding(nn.Module):
         log2_hashmap_size: int,
         base_resolution: int,
         per_level_scale: float,
-        backend: Backend = "torch",
+        backend: Backend | str = Backend.torch,
         check_inputs: bool = True,
         chunk_size: int = _DEFAULT_CHUNK,
     ) -> None:
@@ -401,8 +420,9 @@ class HashGridEncoding(nn.Module):
             )
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        if backend not in ("torch", "tcnn"):
+        if backend not in tuple(Backend):
             raise ValueError(f"backend must be 'torch' or 'tcnn', got {backend!r}")
+        backend = Backend(backend)
 
         self.n_input_dims = n_input_dims
         self.n_levels = n_levels
@@ -425,6 +445,13 @@ class HashGridEncoding(nn.Module):
         # Set with object.__setattr__ so tcnn's module is not registered as a child: its `params` would
         # otherwise appear twice in the state dict, which must stay {"params"} like tcnn's own.
         object.__setattr__(self, "_tcnn", self._make_tcnn() if backend == "tcnn" else None)
+
+    def set_chunk_size(self, chunk_size: int) -> None:
+        """Points the torch backend processes together: bounds temporary memory; on a GPU, larger chunks mean
+        fewer kernel launches. Results do not depend on it (tests/test_hashgrid.py)."""
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self._plan = dataclasses.replace(self._plan, chunk_size=chunk_size)
 
     def _make_tcnn(self) -> Any:
         try:
@@ -455,7 +482,7 @@ class HashGridEncoding(nn.Module):
             f"n_input_dims={self.n_input_dims}, n_levels={self.n_levels}, "
             f"n_features_per_level={self.n_features_per_level}, log2_hashmap_size={self.log2_hashmap_size}, "
             f"base_resolution={self.base_resolution}, per_level_scale={self.per_level_scale}, "
-            f"backend={self.backend!r}, n_params={self.n_params}"
+            f"backend='{self.backend}', n_params={self.n_params}"
         )
 
     def _validate(self, x: Tensor) -> None:

@@ -2,9 +2,14 @@
 
 Hydra's schema (fourdfy/config.py) needs these dataclasses at import time, while the priors that use them
 (mvdream.py, sd_vsd.py, zeroscope.py) pull in the model libraries (~12 s of CPU): keeping the configs here
-lets `import fourdfy.config` stay light. Each guidance module re-exports its config, so
-`from fourdfy.guidance.mvdream import MVDreamConfig` keeps working. Where a field comment says "see module
-docstring", it means the docstring of the guidance module that uses the config.
+lets `import fourdfy.config` stay light. Import them from here (the guidance modules do not re-export them).
+Where a field comment says "see module docstring", it means the docstring of the guidance module that uses
+the config.
+
+Each config's `validate(key)` checks the values that need no weights and raises a ValueError naming the key
+(`guidance.<name>.<field>`) and the fix; the priors' constructors call it. Field comments cite the authors'
+code (github.com/sherwinbahmani/4dfy: configs/fourdfy_stage_{1,2,3}.yaml and
+threestudio/models/guidance/*.py), whose keys are the `system.` ones named there.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-# Default models (REFERENCE.md §Guidance; the authors' configs/fourdfy_stage_*.yaml).
+# Default models: the authors' configs/fourdfy_stage_{1,2,3}.yaml (keys under `system.`).
 MVDREAM_REPO = "MVDream/MVDream"  # MVDream's model_zoo: hf_hub_download(repo_id="MVDream/MVDream", ...)
 MVDREAM_FILE = "sd-v2.1-base-4view.pt"  # guidance_multi_view.model_name: "sd-v2.1-base-4view"
 SD21_BASE = "stabilityai/stable-diffusion-2-1-base"  # guidance.pretrained_model_name_or_path (ε-prediction)
@@ -66,7 +71,9 @@ class Ramp:
 
 @dataclass
 class MVDreamConfig:
-    """MVDream 3D-aware SDS (REFERENCE.md §Guidance "3D"); defaults are the authors' stage-1 settings."""
+    """MVDream 3D-aware SDS (paper Eq. 3; the "3D" update of Algorithm 1); defaults are the authors'
+    configs/fourdfy_stage_1.yaml `guidance_multi_view` and threestudio/models/guidance/
+    multiview_diffusion_guidance.py."""
 
     # Hub repo id or local path (the .pt/.safetensors file or a folder holding `checkpoint_file`).
     # guidance_multi_view.ckpt_path (null = MVDream's model_zoo download from MVDream/MVDream).
@@ -83,7 +90,7 @@ class MVDreamConfig:
     n_views: int = 4
     # Side the renders are resized to before the VAE: Config.image_size = 256 (latent 32x32).
     image_size: int = 256
-    # Render side per phase: data.multi_view.width/height [64, 256] (REFERENCE.md §Rendering).
+    # Render side per phase: data.multi_view.width/height [64, 256] (configs/fourdfy_stage_1.yaml).
     render_sizes: tuple[int, ...] = (64, 256)
     # Training steps at which the next render_sizes entry starts: data.multi_view.resolution_milestones [5000].
     render_size_milestones: tuple[int, ...] = (5000,)
@@ -113,10 +120,29 @@ class MVDreamConfig:
     # Recompute VAE-encoder activations in backward (memory option).
     vae_gradient_checkpointing: bool = False
 
+    def validate(self, key: str = "guidance.mvdream") -> None:
+        """Raise ValueError naming `<key>.<field>` and the fix for values no MVDream prior can use."""
+        if self.n_views < 1:
+            raise ValueError(f"{key}.n_views must be >= 1 (views per object; the authors use 4), got {self.n_views}")
+        if not 0.0 <= self.recon_std_rescale <= 1.0:
+            raise ValueError(
+                f"{key}.recon_std_rescale must be in [0, 1] (0 disables the rescale; the authors use 0.5), "
+                f"got {self.recon_std_rescale}"
+            )
+        milestones = tuple(self.render_size_milestones)
+        if len(self.render_sizes) != len(milestones) + 1 or list(milestones) != sorted(set(milestones)):
+            raise ValueError(
+                f"{key}.render_sizes {tuple(self.render_sizes)} needs one more entry than the increasing "
+                f"{key}.render_size_milestones {milestones}: set a size before the first milestone and one "
+                "after each"
+            )
+
 
 @dataclass
 class SDVSDConfig:
-    """VSD with SD 2.1 (REFERENCE.md §Guidance "IMG"); defaults are the authors' settings."""
+    """VSD with SD 2.1 (paper Eqs. 4-5; the "IMG" update of Algorithm 1); defaults are the authors'
+    configs/fourdfy_stage_{1,2,3}.yaml `guidance` and threestudio/models/guidance/
+    stable_diffusion_vsd_guidance.py."""
 
     # Pretrained (ε) branch, also the VAE, text encoder and tokenizer: guidance.pretrained_model_name_or_path.
     pretrained_model: str = SD21_BASE
@@ -163,10 +189,15 @@ class SDVSDConfig:
     # Recompute VAE-encoder activations in backward (memory option).
     vae_gradient_checkpointing: bool = False
 
+    def validate(self, key: str = "guidance.sd_vsd") -> None:
+        """Raise ValueError naming `<key>.<field>` and the fix for values no SD VSD prior can use."""
+        _check_step_percents(key, self.min_step_percent, self.max_step_percent)
+
 
 @dataclass
 class ZeroscopeConfig:
-    """Zeroscope video SDS (REFERENCE.md §Guidance "VID"); defaults are the authors' settings."""
+    """Zeroscope video SDS (paper Eq. 6; the "VID" update of Algorithm 1); defaults are the authors'
+    configs/fourdfy_stage_3.yaml `guidance_video` and threestudio/models/guidance/zeroscope_guidance.py."""
 
     # Hub repo id or local diffusers-layout folder: guidance_video.pretrained_model_name_or_path.
     pretrained_model: str = ZEROSCOPE
@@ -199,3 +230,22 @@ class ZeroscopeConfig:
     offload: bool = False
     # Recompute VAE-encoder activations in backward (memory option).
     vae_gradient_checkpointing: bool = False
+
+    def validate(self, key: str = "guidance.zeroscope") -> None:
+        """Raise ValueError naming `<key>.<field>` and the fix for values no Zeroscope prior can use."""
+        if self.n_frames < 1:
+            raise ValueError(f"{key}.n_frames must be >= 1 (frames per video; the authors use 16), got {self.n_frames}")
+        if self.vae_grad_frames is not None and not 1 <= self.vae_grad_frames <= self.n_frames:
+            raise ValueError(
+                f"{key}.vae_grad_frames must be null (every frame) or in [1, n_frames={self.n_frames}], "
+                f"got {self.vae_grad_frames}"
+            )
+        _check_step_percents(key, self.min_step_percent, self.max_step_percent)
+
+
+def _check_step_percents(key: str, low: float, high: float) -> None:
+    """A fixed t range [low·T, high·T] needs 0 <= low <= high < 1."""
+    if not 0 <= low <= high < 1:
+        raise ValueError(
+            f"{key}.min_step_percent and {key}.max_step_percent need 0 <= min <= max < 1, got {low}, {high}"
+        )

@@ -1,10 +1,11 @@
 """Memory options shared by the real priors: weight dtype, offloading, and the memory-aware VAE encoder.
 
-The paper's configuration needs an 80 GB GPU (REFERENCE.md §Scale). Three levers bring it down, each a
-config value of every prior:
+The paper's configuration needs an 80 GB GPU (the authors' README: "Original configs used in paper with
+80 GB GPU memory"; their *_low_vram.yaml configs fit 24-48 GB). Three levers bring it down, each a config
+value of every prior:
 - weights in fp16/bf16 on a GPU (the authors' `half_precision_weights: true`), fp32 on the CPU;
 - offloading: a prior's frozen networks live on the CPU between calls and visit the GPU only inside its
-  call, so only the prior in use holds GPU memory (DESIGN.md §5);
+  call, so only the prior in use holds GPU memory (one update uses one prior);
 - the VAE encoder, the only network the SDS gradient flows through, can recompute its activations in the
   backward pass (gradient checkpointing) and, for video, keep the graph of only some frames.
 """
@@ -13,10 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKL
 from torch import nn
+
+if TYPE_CHECKING:  # annotations only: keeps this module (and guidance/base.py) free of the diffusers import
+    from diffusers import AutoencoderKL
 
 # Names accepted by `parse_dtype` (config files hold strings; the code wants torch dtypes).
 _DTYPES: dict[str, torch.dtype] = {

@@ -25,23 +25,19 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from fourdfy.guidance.base import GuidanceOut, sds_loss
-from fourdfy.guidance.configs import MVDREAM_NEGATIVE_PROMPT as MVDREAM_NEGATIVE_PROMPT
-from fourdfy.guidance.configs import MVDreamConfig as MVDreamConfig
-from fourdfy.guidance.configs import Ramp as Ramp
-from fourdfy.guidance.memory import Placement, encode_latents, frozen, resolve_dtype
-from fourdfy.guidance.noise import scaled_linear_alphas_cumprod
-from fourdfy.guidance.text import PromptEncoder, view_direction
+from fourdfy.guidance.base import GuidanceOut, LatentDiffusionPrior, cfg_halves, cfg_mix, check_prompt, sds_loss
+from fourdfy.guidance.configs import MVDreamConfig
+from fourdfy.guidance.memory import resolve_dtype
+from fourdfy.guidance.noise import add_noise, scaled_linear_alphas_cumprod
+from fourdfy.guidance.text import view_direction
 from fourdfy.guidance.weights import (
+    load_frozen,
     load_text_encoder,
-    load_vae,
     locate_pretrained,
     resolve_checkpoint_file,
     resolve_together,
@@ -65,14 +61,12 @@ def _step_index(percent: float, num_timesteps: int) -> int:
     return int(math.floor(num_timesteps * percent + 1e-6))
 
 
-class MVDreamGuidance:
-    """The 3D prior: implements `fourdfy.guidance.base.Guidance` for MVDream.
+class MVDreamGuidance(LatentDiffusionPrior):
+    """The 3D prior: implements `fourdfy.guidance.base.Guidance` for MVDream (no trainable state).
 
     Random draws (posterior noise, t, ε, in that order per call) come from `self.generator` (CPU), whose
     state is in `state_dict()` so a resumed run draws the same numbers.
     """
-
-    is_video = False
 
     def __init__(
         self,
@@ -82,34 +76,24 @@ class MVDreamGuidance:
         dtype: torch.dtype | None = None,
         seed: int = 0,
     ) -> None:
-        if cfg.n_views < 1:
-            raise ValueError(f"MVDreamConfig.n_views must be >= 1, got {cfg.n_views}")
-        if not 0.0 <= cfg.recon_std_rescale <= 1.0:
-            raise ValueError(
-                f"MVDreamConfig.recon_std_rescale must be in [0, 1], got {cfg.recon_std_rescale}"
-            )
-        milestones = tuple(cfg.render_size_milestones)
-        if len(cfg.render_sizes) != len(milestones) + 1 or list(milestones) != sorted(set(milestones)):
-            raise ValueError(
-                f"MVDreamConfig.render_sizes {tuple(cfg.render_sizes)} needs one more entry than the increasing "
-                f"render_size_milestones {milestones} (a size before the first milestone, one after each)"
-            )
+        cfg.validate()
+        super().__init__(
+            vae=models.vae,
+            tokenizer=models.tokenizer,
+            text_encoder=models.text_encoder,
+            native_size=(cfg.image_size, cfg.image_size),
+            device=device,
+            dtype=dtype,
+            offload=cfg.offload,
+            vae_gradient_checkpointing=cfg.vae_gradient_checkpointing,
+            seed=seed,
+        )
         self.cfg = cfg
-        self.device = torch.device(device)
-        self.dtype = resolve_dtype(self.device, dtype)
-        self.placement = Placement(self.device, cfg.offload)
-        self.unet = self.placement.home(frozen(models.unet, self.dtype))
-        # The VAE is in the autograd graph that the caller back-propagates after __call__: never offloaded.
-        self.vae = frozen(models.vae, self.dtype).to(self.device)
-        if cfg.vae_gradient_checkpointing:
-            self.vae.enable_gradient_checkpointing()
-        self.text = PromptEncoder(models.tokenizer, models.text_encoder, self.placement, self.dtype)
+        self.unet = self.rest(models.unet)
         # MVDream's own schedule (ldm register_schedule, linear_start 0.00085, linear_end 0.012, 1000 steps).
         self.alphas_cumprod = scaled_linear_alphas_cumprod()
         self.num_timesteps = self.alphas_cumprod.shape[0]
         self.n_views = cfg.n_views
-        self.native_size = (cfg.image_size, cfg.image_size)
-        self.generator = torch.Generator().manual_seed(seed)
 
     @classmethod
     def from_config(
@@ -121,6 +105,7 @@ class MVDreamGuidance:
         config_key: str = "guidance.mvdream",
     ) -> MVDreamGuidance:
         """Load the weights named by `cfg` (hub ids or local paths; see weights.py) and build the prior."""
+        cfg.validate(config_key)  # before any weights are looked for
         weights_dtype = resolve_dtype(device, dtype)
         # Resolve both sources before loading anything, so missing models fail at once, together.
         key = f"{config_key}.components_model"
@@ -132,7 +117,9 @@ class MVDreamGuidance:
             ckpt, config=cfg.unet_config, dtype=weights_dtype, trust_pickle=cfg.trust_pickle
         )
         tokenizer, text_encoder = load_text_encoder(loc, key, weights_dtype)
-        models = MVDreamModels(unet, load_vae(loc, key, weights_dtype), tokenizer, text_encoder)
+        models = MVDreamModels(
+            unet, load_frozen(AutoencoderKL, loc, "vae", key, weights_dtype), tokenizer, text_encoder
+        )
         return cls(cfg, models, device=device, dtype=dtype, seed=seed)
 
     def render_size(self, step: int) -> tuple[int, int]:
@@ -168,14 +155,11 @@ class MVDreamGuidance:
             )
         if len(cameras) != b:
             raise ValueError(f"cameras: need one camera per render ({b}), got {len(cameras)}")
-        if not isinstance(prompt, str) or not prompt:
-            raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
+        check_prompt(prompt)
 
     def encode(self, renders: torch.Tensor) -> torch.Tensor:
         """renders [B, H, W, 3] in [0, 1] -> latents [B, 4, image_size/8, image_size/8] fp32 (with grad)."""
-        x = renders.permute(0, 3, 1, 2).to(self.device, torch.float32)
-        x = F.interpolate(x, (self.cfg.image_size,) * 2, mode="bilinear", align_corners=False)
-        return encode_latents(self.vae, x, self.generator if self.cfg.sample_posterior else None)
+        return self.vae_latents(renders, (self.cfg.image_size,) * 2, self.cfg.sample_posterior)
 
     def __call__(
         self, renders: torch.Tensor, prompt: str, cameras: Cameras, times: torch.Tensor, step: int
@@ -201,11 +185,12 @@ class MVDreamGuidance:
             )
         t_min, t_max = self.timestep_range(step)
         if t is None:
-            t = int(torch.randint(t_min, t_max + 1, (1,), generator=self.generator))
+            t = int(self.draw_timesteps(t_min, t_max, 1))
         if noise is None:
-            noise = torch.randn(latents.shape, generator=self.generator, dtype=torch.float32)
+            noise = self.draw_noise(latents.shape)
         noise = noise.to(latents.device, torch.float32)
-        a_bar = float(self.alphas_cumprod[t])
+        alpha_bar = self.alphas_cumprod[t]  # 0-dim float64, as the Python float below
+        a_bar = float(alpha_bar)
 
         direction = None
         if self.cfg.view_dependent_prompting:
@@ -215,7 +200,7 @@ class MVDreamGuidance:
 
         with torch.no_grad():
             z = latents.detach()
-            z_t = math.sqrt(a_bar) * z + math.sqrt(1.0 - a_bar) * noise
+            z_t = add_noise(z, noise, alpha_bar)
             with self.placement.active(self.unet):
                 eps = self.unet(
                     torch.cat([z_t, z_t]),
@@ -224,8 +209,8 @@ class MVDreamGuidance:
                     camera,
                     self.n_views,
                 ).float()
-            eps_cond, eps_uncond = eps.chunk(2)  # authors' order: [cond, uncond]
-            eps_cfg = eps_uncond + self.cfg.guidance_scale * (eps_cond - eps_uncond)
+            eps_cond, eps_uncond = cfg_halves(eps)
+            eps_cfg = cfg_mix(eps_cond, eps_uncond, self.cfg.guidance_scale)
             if self.cfg.recon_loss:
                 x0 = self._x0(z_t, eps_cfg, a_bar)
                 if self.cfg.recon_std_rescale > 0:
@@ -255,16 +240,3 @@ class MVDreamGuidance:
         adjusted = (x0_cfg.reshape(shape) * factor).reshape(x0_cfg.shape)
         r = self.cfg.recon_std_rescale
         return r * adjusted + (1.0 - r) * x0_cfg
-
-    def finetune_step(
-        self, renders: torch.Tensor, prompt: str, cameras: Cameras, step: int
-    ) -> dict[str, float]:
-        """MVDream has no trainable state."""
-        return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        """The random generator's state (the only state that changes)."""
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])

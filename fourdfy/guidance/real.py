@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 
 from fourdfy.guidance.base import Guidance
+from fourdfy.kinds import UPDATE_KINDS, UpdateKind
 
 if TYPE_CHECKING:
     from fourdfy.config import RunConfig
 
 
-def build_real_guidances(cfg: RunConfig) -> dict[str, Guidance]:
+def build_real_guidances(cfg: RunConfig) -> dict[UpdateKind, Guidance]:
     """MVDream (3D), SD 2.1 VSD (IMG) and Zeroscope (VID) for the update kinds the schedule uses.
 
     Every missing model is reported in one error, so a user fixes all config keys in one go.
@@ -25,21 +27,23 @@ def build_real_guidances(cfg: RunConfig) -> dict[str, Guidance]:
     from fourdfy.guidance.zeroscope import ZeroscopeGuidance
     from fourdfy.hybrid import HybridSchedule
 
-    schedule = HybridSchedule(cfg.schedule)
-    used = {kind for stage in (1, 2, 3) if schedule.stage_lengths[stage - 1] > 0
-            for kind, p in schedule.probabilities(stage).items() if p > 0}
+    used = HybridSchedule(cfg.schedule).kinds_used()
     device = torch.device(cfg.device)
     g = cfg.guidance
-    builders = {
-        "3d": lambda: MVDreamGuidance.from_config(g.mvdream, device, seed=cfg.seed + 1,
-                                                  config_key="guidance.mvdream"),
-        "img": lambda: SDVSDGuidance.from_config(g.sd_vsd, device, seed=cfg.seed + 2, config_key="guidance.sd_vsd"),
-        "vid": lambda: ZeroscopeGuidance.from_config(g.zeroscope, device, seed=cfg.seed + 3,
-                                                     config_key="guidance.zeroscope"),
+    builders: dict[UpdateKind, Callable[[], Guidance]] = {
+        UpdateKind.MULTIVIEW: lambda: MVDreamGuidance.from_config(
+            g.mvdream, device, seed=cfg.seed + 1, config_key="guidance.mvdream"
+        ),
+        UpdateKind.IMAGE: lambda: SDVSDGuidance.from_config(
+            g.sd_vsd, device, seed=cfg.seed + 2, config_key="guidance.sd_vsd"
+        ),
+        UpdateKind.VIDEO: lambda: ZeroscopeGuidance.from_config(
+            g.zeroscope, device, seed=cfg.seed + 3, config_key="guidance.zeroscope"
+        ),
     }
-    guidances: dict[str, Guidance] = {}
+    guidances: dict[UpdateKind, Guidance] = {}
     missing: list[str] = []
-    for kind in ("3d", "img", "vid"):
+    for kind in UPDATE_KINDS:
         if kind not in used:
             continue
         try:

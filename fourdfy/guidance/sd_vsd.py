@@ -35,17 +35,17 @@ from diffusers.models.embeddings import TimestepEmbedding
 from peft import LoraConfig
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from fourdfy.guidance.base import GuidanceOut, sds_loss
-from fourdfy.guidance.configs import SDVSDConfig as SDVSDConfig
-from fourdfy.guidance.memory import Placement, encode_latents, frozen, resolve_dtype
-from fourdfy.guidance.noise import v_target, v_to_eps
-from fourdfy.guidance.text import PromptEncoder, view_direction
+from fourdfy.guidance.base import GuidanceOut, LatentDiffusionPrior, cfg_halves, cfg_mix, check_prompt, sds_loss
+from fourdfy.guidance.configs import SDVSDConfig
+from fourdfy.guidance.memory import resolve_dtype
+from fourdfy.guidance.noise import add_noise, v_target, v_to_eps
+from fourdfy.guidance.text import view_direction
 from fourdfy.guidance.weights import (
     NoiseSchedule,
+    PredictionType,
+    load_frozen,
     load_noise_schedule,
     load_text_encoder,
-    load_unet2d,
-    load_vae,
     locate_pretrained,
     resolve_together,
 )
@@ -69,15 +69,18 @@ class SDVSDModels:
     schedule_lora: NoiseSchedule
 
 
-class SDVSDGuidance:
+class SDVSDGuidance(LatentDiffusionPrior):
     """The image prior: implements `fourdfy.guidance.base.Guidance` with VSD and a camera-conditioned LoRA.
 
     Random draws come from `self.generator` (CPU): per call posterior noise, t, ε; per fine-tuning step t,
     ε, camera-dropout coin. Its state, the LoRA and camera-embedding weights and the optimiser state are in
     `state_dict()` (exact resume).
+
+    Each call hands its detached latents on in `GuidanceOut.latents`; `finetune_step(..., latents=...)` of
+    the same iteration trains on them instead of encoding the renders again (the authors' train_lora reuses
+    the VSD call's latents too).
     """
 
-    is_video = False
     n_views = 1
 
     def __init__(
@@ -88,37 +91,33 @@ class SDVSDGuidance:
         dtype: torch.dtype | None = None,
         seed: int = 0,
     ) -> None:
-        if models.schedule.prediction_type != "epsilon":
+        if models.schedule.prediction_type != PredictionType.epsilon:
             raise ValueError(
-                "SDVSDConfig.pretrained_model must be an ε-prediction model (the VSD gradient subtracts ε "
-                f"predictions), its scheduler says prediction_type={models.schedule.prediction_type!r}"
+                "guidance.sd_vsd.pretrained_model must be an ε-prediction model (the VSD gradient subtracts ε "
+                f"predictions), its scheduler says prediction_type={str(models.schedule.prediction_type)!r}"
             )
-        if not 0 <= cfg.min_step_percent <= cfg.max_step_percent < 1:
-            raise ValueError(
-                "SDVSDConfig needs 0 <= min_step_percent <= max_step_percent < 1, got "
-                f"{cfg.min_step_percent}, {cfg.max_step_percent}"
-            )
-        self.cfg = cfg
-        self.device = torch.device(device)
-        self.dtype = resolve_dtype(self.device, dtype)
-        self.placement = Placement(self.device, cfg.offload)
-        self.shared = models.unet_lora is models.unet
-        self.unet = self.placement.home(frozen(models.unet, self.dtype))
-        self.unet_lora = (
-            self.unet if self.shared else self.placement.home(frozen(models.unet_lora, self.dtype))
+        cfg.validate()
+        super().__init__(
+            vae=models.vae,
+            tokenizer=models.tokenizer,
+            text_encoder=models.text_encoder,
+            native_size=(cfg.render_size, cfg.render_size),
+            device=device,
+            dtype=dtype,
+            offload=cfg.offload,
+            vae_gradient_checkpointing=cfg.vae_gradient_checkpointing,
+            seed=seed,
         )
-        self.vae = frozen(models.vae, self.dtype).to(self.device)
-        if cfg.vae_gradient_checkpointing:
-            self.vae.enable_gradient_checkpointing()
-        self.text = PromptEncoder(models.tokenizer, models.text_encoder, self.placement, self.dtype)
+        self.cfg = cfg
+        self.shared = models.unet_lora is models.unet
+        self.unet = self.rest(models.unet)
+        self.unet_lora = self.unet if self.shared else self.rest(models.unet_lora)
         self.alphas_cumprod = models.schedule.alphas_cumprod  # float64 [T]
         self.alphas_cumprod_lora = models.schedule_lora.alphas_cumprod
-        self.lora_v_prediction = models.schedule_lora.prediction_type == "v_prediction"
+        self.lora_v_prediction = models.schedule_lora.prediction_type == PredictionType.v_prediction
         self.num_timesteps = self.alphas_cumprod.shape[0]
         self.min_step = int(self.num_timesteps * cfg.min_step_percent)  # authors' int(T * percent)
         self.max_step = int(self.num_timesteps * cfg.max_step_percent)
-        self.native_size = (cfg.render_size, cfg.render_size)
-        self.generator = torch.Generator().manual_seed(seed)
 
         self.lora_params, self.camera_embedding = self._add_lora_and_camera(seed)
         self.optimizer = torch.optim.AdamW(
@@ -131,7 +130,6 @@ class SDVSDGuidance:
         # fp16 backward through the frozen UNet underflows: without loss scaling some LoRA tensors got exactly
         # zero gradient on an H100 (lora_B stayed 0). Dynamic loss scaling for fp16 weights; off otherwise.
         self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self._cached_latents: tuple[tuple[Any, ...], torch.Tensor] | None = None
 
     def _add_lora_and_camera(self, seed: int) -> tuple[dict[str, torch.nn.Parameter], TimestepEmbedding]:
         """peft LoRA on the LoRA UNet's attention projections + the camera class embedding, in fp32."""
@@ -176,6 +174,7 @@ class SDVSDGuidance:
         config_key: str = "guidance.sd_vsd",
     ) -> SDVSDGuidance:
         """Load the weights named by `cfg` (hub ids or local paths; see weights.py) and build the prior."""
+        cfg.validate(config_key)  # before any weights are looked for
         weights_dtype = resolve_dtype(device, dtype)
         key = f"{config_key}.pretrained_model"
         key_lora = f"{config_key}.lora_pretrained_model"
@@ -187,12 +186,12 @@ class SDVSDGuidance:
             resolvers.append(lambda: locate_pretrained(cfg.lora_pretrained_model, key_lora, lora_parts))
         locations = resolve_together(*resolvers)  # every model checked before anything loads
         loc, loc_lora = locations[0], locations[-1]
-        unet = load_unet2d(loc, key, weights_dtype)
+        unet = load_frozen(UNet2DConditionModel, loc, "unet", key, weights_dtype)
         tokenizer, text_encoder = load_text_encoder(loc, key, weights_dtype)
         models = SDVSDModels(
             unet=unet,
-            unet_lora=unet if shared else load_unet2d(loc_lora, key_lora, weights_dtype),
-            vae=load_vae(loc, key, weights_dtype),
+            unet_lora=unet if shared else load_frozen(UNet2DConditionModel, loc_lora, "unet", key_lora, weights_dtype),
+            vae=load_frozen(AutoencoderKL, loc, "vae", key, weights_dtype),
             tokenizer=tokenizer,
             text_encoder=text_encoder,
             schedule=load_noise_schedule(loc, key),
@@ -213,18 +212,11 @@ class SDVSDGuidance:
             )
         if len(cameras) != renders.shape[0]:
             raise ValueError(f"cameras: need one camera per render ({renders.shape[0]}), got {len(cameras)}")
-        if not isinstance(prompt, str) or not prompt:
-            raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
-
-    @staticmethod
-    def _render_key(renders: torch.Tensor) -> tuple[Any, ...]:
-        return (renders.data_ptr(), tuple(renders.shape), renders._version, str(renders.device))
+        check_prompt(prompt)
 
     def encode(self, renders: torch.Tensor) -> torch.Tensor:
         """renders [B, 256, 256, 3] in [0, 1] -> upsampled 512² -> latents [B, 4, 64, 64] float32."""
-        x = renders.permute(0, 3, 1, 2).to(self.device, torch.float32)
-        x = F.interpolate(x, (self.cfg.image_size,) * 2, mode="bilinear", align_corners=False)
-        return encode_latents(self.vae, x, self.generator if self.cfg.sample_posterior else None)
+        return self.vae_latents(renders, (self.cfg.image_size,) * 2, self.cfg.sample_posterior)
 
     def _camera(self, cameras: Cameras) -> torch.Tensor:
         return cameras.c2w.to(self.device, torch.float32).reshape(len(cameras), CAMERA_DIM)
@@ -234,12 +226,15 @@ class SDVSDGuidance:
     def __call__(
         self, renders: torch.Tensor, prompt: str, cameras: Cameras, times: torch.Tensor, step: int
     ) -> GuidanceOut:
-        """renders: [B, 256, 256, 3] in [0, 1]; cameras: B cameras; times, step unused (fixed t range)."""
+        """renders: [B, 256, 256, 3] in [0, 1]; cameras: B cameras; times, step unused (fixed t range).
+
+        The result's `latents` [B, 4, 64, 64] (detached) are for this iteration's `finetune_step`.
+        """
         self._check_inputs(renders, prompt, cameras)
         latents = self.encode(renders)
-        # The fine-tuning step of this iteration reuses these latents (as the authors' train_lora does).
-        self._cached_latents = (self._render_key(renders), latents.detach())
-        return self.loss_on_latents(latents, prompt, cameras)
+        out = self.loss_on_latents(latents, prompt, cameras)
+        out.latents = latents.detach()
+        return out
 
     def loss_on_latents(
         self,
@@ -254,9 +249,9 @@ class SDVSDGuidance:
         if len(cameras) != b:
             raise ValueError(f"cameras: need one camera per latent ({b}), got {len(cameras)}")
         if t is None:
-            t = torch.randint(self.min_step, self.max_step + 1, (b,), generator=self.generator)
+            t = self.draw_timesteps(self.min_step, self.max_step, b)
         if noise is None:
-            noise = torch.randn(latents.shape, generator=self.generator, dtype=torch.float32)
+            noise = self.draw_noise(latents.shape)
         t = t.to(self.device)
         noise = noise.to(latents.device, torch.float32)
         a_bar = self.alphas_cumprod.to(self.device)[t].float().view(b, 1, 1, 1)
@@ -271,7 +266,7 @@ class SDVSDGuidance:
         camera_cfg = torch.cat([camera, torch.zeros_like(camera)])  # uncond half: zero camera
 
         with torch.no_grad():
-            z_t = a_bar.sqrt() * latents.detach() + (1.0 - a_bar).sqrt() * noise
+            z_t = add_noise(latents.detach(), noise, a_bar)
             z_in, t_in = torch.cat([z_t, z_t]), torch.cat([t, t])
             # Inputs in the weights' dtype: diffusers casts its time embedding to the input's dtype.
             z_unet = z_in.to(self.dtype)
@@ -283,10 +278,8 @@ class SDVSDGuidance:
                 ).sample.float()
             if self.lora_v_prediction:
                 out_lora = v_to_eps(out_lora, z_in, torch.cat([a_bar_lora, a_bar_lora]))
-            cond, uncond = eps_pre.chunk(2)  # authors' order: [cond, uncond]
-            eps_pretrained = uncond + self.cfg.guidance_scale * (cond - uncond)
-            cond, uncond = out_lora.chunk(2)
-            eps_lora = uncond + self.cfg.guidance_scale_lora * (cond - uncond)
+            eps_pretrained = cfg_mix(*cfg_halves(eps_pre), self.cfg.guidance_scale)
+            eps_lora = cfg_mix(*cfg_halves(out_lora), self.cfg.guidance_scale_lora)
             grad = torch.nan_to_num((1.0 - a_bar) * (eps_pretrained - eps_lora))  # w(t) = 1 − ᾱ_t
 
         loss = self.cfg.loss_weight * sds_loss(latents, grad)
@@ -309,24 +302,27 @@ class SDVSDGuidance:
 
     # ---------------------------------------------------------------- LoRA fine-tuning
 
-    def render_size(self, step: int) -> tuple[int, int]:
-        """(height, width) of the renders: native_size at every step."""
-        return self.native_size
-
     def finetune_step(
-        self, renders: torch.Tensor, prompt: str, cameras: Cameras, step: int
+        self,
+        renders: torch.Tensor,
+        prompt: str,
+        cameras: Cameras,
+        step: int,
+        latents: torch.Tensor | None = None,
     ) -> dict[str, float]:
         """One AdamW step of the LoRA + camera embedding on the (detached) renders (paper Eq. 5).
 
-        Reuses the latents of the last __call__ when `renders` is the same tensor, else encodes them.
+        latents: [B, 4, 64, 64], the `GuidanceOut.latents` of this iteration's call on `renders` (used as
+        they are: no second VAE pass, no posterior draw); None encodes `renders` here.
         """
         self._check_inputs(renders, prompt, cameras)
-        cached, self._cached_latents = self._cached_latents, None
-        if cached is not None and cached[0] == self._render_key(renders):
-            latents = cached[1]
-        else:
+        if latents is None:
             with torch.no_grad():
                 latents = self.encode(renders.detach())
+        elif latents.shape[0] != renders.shape[0]:
+            raise ValueError(
+                f"latents: need one latent per render ({renders.shape[0]}), got {tuple(latents.shape)}"
+            )
         return self.finetune_on_latents(latents, prompt, cameras)
 
     def finetune_on_latents(self, latents: torch.Tensor, prompt: str, cameras: Cameras) -> dict[str, float]:
@@ -334,12 +330,12 @@ class SDVSDGuidance:
         n = self.cfg.lora_n_timestamp_samples
         b = latents.shape[0]
         x0 = latents.detach().float().repeat(n, 1, 1, 1)
-        t = torch.randint(0, self.num_timesteps, (b * n,), generator=self.generator)  # U{0..T-1}
-        noise = torch.randn(x0.shape, generator=self.generator, dtype=torch.float32).to(x0.device)
+        t = self.draw_timesteps(0, self.num_timesteps - 1, b * n)  # U{0..T-1}
+        noise = self.draw_noise(x0.shape).to(x0.device)
         drop_camera = bool(torch.rand((), generator=self.generator) < self.cfg.lora_camera_dropout)
         t = t.to(self.device)
         a_bar = self.alphas_cumprod_lora.to(self.device)[t].float().view(-1, 1, 1, 1)
-        z_t = a_bar.sqrt() * x0 + (1.0 - a_bar).sqrt() * noise
+        z_t = add_noise(x0, noise, a_bar)
         camera = self._camera(cameras)
         if drop_camera:
             camera = torch.zeros_like(camera)
@@ -378,7 +374,7 @@ class SDVSDGuidance:
             # A snapshot: optimizer.state_dict() holds references to tensors that later steps update in place.
             "optimizer": copy.deepcopy(self.optimizer.state_dict()),
             "grad_scaler": self.grad_scaler.state_dict(),
-            "generator": self.generator.get_state(),
+            **super().state_dict(),  # the generator
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -394,4 +390,4 @@ class SDVSDGuidance:
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("grad_scaler"):  # empty when saved with scaling off (fp32/bf16 weights)
             self.grad_scaler.load_state_dict(state["grad_scaler"])
-        self.generator.set_state(state["generator"])
+        super().load_state_dict(state)

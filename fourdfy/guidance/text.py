@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fourdfy.guidance.configs import ViewPromptConfig as ViewPromptConfig
+from fourdfy.guidance.configs import ViewPromptConfig
 from fourdfy.guidance.memory import Placement, frozen
 
 # Direction order and suffixes: threestudio PromptProcessor.configure (view_dependent_prompt_front=False).

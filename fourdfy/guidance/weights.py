@@ -5,7 +5,8 @@ huggingface_hub / diffusers / transformers as usual) or a local path. With `HF_H
 CI run here) a model that is neither a local folder nor in the local hub cache raises one
 `ModelNotAvailableError` naming the config key to set and the folder layout expected, before any loading
 starts. Loading itself is the libraries' `from_pretrained(..., local_files_only=offline)` and
-`hf_hub_download`: nothing here re-implements them.
+`hf_hub_download`: nothing here re-implements them. One loader serves every part (`load_pretrained`, and
+`load_frozen` for networks): the class to load is passed in.
 """
 
 from __future__ import annotations
@@ -15,20 +16,16 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet3DConditionModel
+from diffusers import DDPMScheduler
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import hf_hub_download, try_to_load_from_cache
-from transformers import CLIPTextModel, CLIPTokenizer
+from torch import nn
+from transformers import CLIPTextModel, CLIPTokenizer, PreTrainedModel
 
-# Default models: defined once, in the light config module (REFERENCE.md §Guidance).
-from fourdfy.guidance.configs import MVDREAM_FILE as MVDREAM_FILE  # noqa: E402
-from fourdfy.guidance.configs import MVDREAM_REPO as MVDREAM_REPO  # noqa: E402
-from fourdfy.guidance.configs import SD21 as SD21  # noqa: E402
-from fourdfy.guidance.configs import SD21_BASE as SD21_BASE  # noqa: E402
-from fourdfy.guidance.configs import ZEROSCOPE as ZEROSCOPE  # noqa: E402
+from fourdfy.enums import StrChoice
 from fourdfy.guidance.noise import scaled_linear_alphas_cumprod
 
 # Files that prove a subfolder is there (the hub repos' own layout); any one of each tuple will do
@@ -48,6 +45,7 @@ _LAYOUT_HELP: dict[str, str] = {
     "scheduler": "scheduler/ (scheduler_config.json)",
 }
 T = TypeVar("T")
+M = TypeVar("M", bound=nn.Module)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+$")
 
 
@@ -158,56 +156,40 @@ def _load_error(
     )
 
 
-def load_unet2d(loc: PretrainedLocation, config_key: str, dtype: torch.dtype) -> UNet2DConditionModel:
-    """The `unet/` of a Stable Diffusion layout, frozen, in eval mode."""
+def load_pretrained(cls: type[T], loc: PretrainedLocation, subfolder: str, config_key: str, **kwargs: Any) -> T:
+    """`cls.from_pretrained` on `subfolder` of `loc` (any diffusers/transformers class: a UNet, the VAE, the
+    tokenizer, ...); a failure is a ModelNotAvailableError naming `config_key` and the layout expected."""
     try:
-        unet = UNet2DConditionModel.from_pretrained(
-            loc.name_or_path, subfolder="unet", torch_dtype=dtype, local_files_only=loc.local_files_only
+        return cls.from_pretrained(  # type: ignore[attr-defined]
+            loc.name_or_path, subfolder=subfolder, local_files_only=loc.local_files_only, **kwargs
         )
     except (OSError, ValueError) as err:
-        raise _load_error(config_key, loc, "unet", err) from err
-    return unet.eval().requires_grad_(False)
+        raise _load_error(config_key, loc, subfolder, err) from err
 
 
-def load_unet3d(loc: PretrainedLocation, config_key: str, dtype: torch.dtype) -> UNet3DConditionModel:
-    """The `unet/` of a text-to-video (ModelScope/Zeroscope) layout, frozen, in eval mode."""
-    try:
-        unet = UNet3DConditionModel.from_pretrained(
-            loc.name_or_path, subfolder="unet", torch_dtype=dtype, local_files_only=loc.local_files_only
-        )
-    except (OSError, ValueError) as err:
-        raise _load_error(config_key, loc, "unet", err) from err
-    return unet.eval().requires_grad_(False)
-
-
-def load_vae(loc: PretrainedLocation, config_key: str, dtype: torch.dtype) -> AutoencoderKL:
-    """The `vae/` (an SD AutoencoderKL), frozen, in eval mode."""
-    try:
-        vae = AutoencoderKL.from_pretrained(
-            loc.name_or_path, subfolder="vae", torch_dtype=dtype, local_files_only=loc.local_files_only
-        )
-    except (OSError, ValueError) as err:
-        raise _load_error(config_key, loc, "vae", err) from err
-    return vae.eval().requires_grad_(False)
+def load_frozen(cls: type[M], loc: PretrainedLocation, subfolder: str, config_key: str, dtype: torch.dtype) -> M:
+    """A network (e.g. UNet2DConditionModel from "unet", AutoencoderKL from "vae") in `dtype`, frozen, in eval
+    mode."""
+    # Each library's own name for the weight dtype: transformers calls it `dtype` (`torch_dtype` is deprecated
+    # there), diffusers `torch_dtype` (older diffusers within our pin do not know `dtype`).
+    dtype_kwarg = "dtype" if issubclass(cls, PreTrainedModel) else "torch_dtype"
+    model = load_pretrained(cls, loc, subfolder, config_key, **{dtype_kwarg: dtype})
+    return model.eval().requires_grad_(False)
 
 
 def load_text_encoder(
     loc: PretrainedLocation, config_key: str, dtype: torch.dtype
 ) -> tuple[CLIPTokenizer, CLIPTextModel]:
     """The `tokenizer/` and `text_encoder/` (CLIP), the encoder frozen, in eval mode."""
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(
-            loc.name_or_path, subfolder="tokenizer", local_files_only=loc.local_files_only
-        )
-    except (OSError, ValueError) as err:
-        raise _load_error(config_key, loc, "tokenizer", err) from err
-    try:
-        text_encoder = CLIPTextModel.from_pretrained(
-            loc.name_or_path, subfolder="text_encoder", dtype=dtype, local_files_only=loc.local_files_only
-        )
-    except (OSError, ValueError) as err:
-        raise _load_error(config_key, loc, "text_encoder", err) from err
-    return tokenizer, text_encoder.eval().requires_grad_(False)
+    tokenizer = load_pretrained(CLIPTokenizer, loc, "tokenizer", config_key)
+    return tokenizer, load_frozen(CLIPTextModel, loc, "text_encoder", config_key, dtype)
+
+
+class PredictionType(StrChoice):
+    """What a UNet predicts (its scheduler_config.json `prediction_type`); values are the diffusers names."""
+
+    epsilon = "epsilon"  # ε (SD 2.1-base, MVDream, Zeroscope)
+    v_prediction = "v_prediction"  # v = √ᾱ ε − √(1−ᾱ) x0 (SD 2.1 768-v)
 
 
 @dataclass(frozen=True)
@@ -215,7 +197,7 @@ class NoiseSchedule:
     """What a prior needs from its `scheduler/` config."""
 
     alphas_cumprod: torch.Tensor  # [num_train_timesteps] float64, ᾱ_t
-    prediction_type: str  # "epsilon" or "v_prediction"
+    prediction_type: PredictionType
 
 
 def load_noise_schedule(loc: PretrainedLocation, config_key: str) -> NoiseSchedule:
@@ -224,7 +206,7 @@ def load_noise_schedule(loc: PretrainedLocation, config_key: str) -> NoiseSchedu
     Only the "scaled_linear" schedule (every model used here) is accepted; anything else is a ValueError
     rather than a silently different ᾱ table.
     """
-    try:
+    try:  # the config only (a JSON file), not a scheduler object: load_config, not from_pretrained
         config = DDPMScheduler.load_config(
             loc.name_or_path, subfolder="scheduler", local_files_only=loc.local_files_only
         )
@@ -236,10 +218,10 @@ def load_noise_schedule(loc: PretrainedLocation, config_key: str) -> NoiseSchedu
             f"{config_key} = {loc.name_or_path!r}: scheduler beta_schedule={schedule!r} is not supported; "
             "the priors assume Stable Diffusion's 'scaled_linear' schedule"
         )
-    prediction_type = str(config.get("prediction_type", "epsilon"))
-    if prediction_type not in {"epsilon", "v_prediction"}:
+    name = str(config.get("prediction_type", "epsilon"))
+    if name not in {p.value for p in PredictionType}:
         raise ValueError(
-            f"{config_key} = {loc.name_or_path!r}: prediction_type={prediction_type!r} is not supported "
+            f"{config_key} = {loc.name_or_path!r}: prediction_type={name!r} is not supported "
             "(epsilon or v_prediction)"
         )
     alphas_cumprod = scaled_linear_alphas_cumprod(
@@ -247,7 +229,7 @@ def load_noise_schedule(loc: PretrainedLocation, config_key: str) -> NoiseSchedu
         float(config.get("beta_start", 0.0001)),
         float(config.get("beta_end", 0.02)),
     )
-    return NoiseSchedule(alphas_cumprod=alphas_cumprod, prediction_type=prediction_type)
+    return NoiseSchedule(alphas_cumprod=alphas_cumprod, prediction_type=PredictionType(name))
 
 
 def resolve_checkpoint_file(value: str, filename: str, config_key: str) -> Path:

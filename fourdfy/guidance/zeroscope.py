@@ -12,23 +12,22 @@ Memory option: back-propagate through the VAE encoder for only N random frames (
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet3DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from fourdfy.guidance.base import GuidanceOut, sds_loss
-from fourdfy.guidance.configs import ZeroscopeConfig as ZeroscopeConfig
-from fourdfy.guidance.memory import Placement, encode_latents, frozen, resolve_dtype
-from fourdfy.guidance.text import PromptEncoder, view_direction
+from fourdfy.guidance.base import GuidanceOut, LatentDiffusionPrior, cfg_halves, cfg_mix, check_prompt, sds_loss
+from fourdfy.guidance.configs import ZeroscopeConfig
+from fourdfy.guidance.memory import resolve_dtype
+from fourdfy.guidance.noise import add_noise
+from fourdfy.guidance.text import view_direction
 from fourdfy.guidance.weights import (
     NoiseSchedule,
+    PredictionType,
+    load_frozen,
     load_noise_schedule,
     load_text_encoder,
-    load_unet3d,
-    load_vae,
     locate_pretrained,
 )
 from fourdfy.render.cameras import Cameras
@@ -45,14 +44,14 @@ class ZeroscopeModels:
     schedule: NoiseSchedule
 
 
-class ZeroscopeGuidance:
-    """The video prior: implements `fourdfy.guidance.base.Guidance` for Zeroscope.
+class ZeroscopeGuidance(LatentDiffusionPrior):
+    """The video prior: implements `fourdfy.guidance.base.Guidance` for Zeroscope (no trainable state).
 
     Random draws come from `self.generator` (CPU): per call the frames that keep a VAE graph (when
     `vae_grad_frames` is set), posterior noise, t, ε. Its state is in `state_dict()`.
     """
 
-    is_video = True
+    is_video = True  # the renders are F frames of one camera at consecutive times
 
     def __init__(
         self,
@@ -62,32 +61,25 @@ class ZeroscopeGuidance:
         dtype: torch.dtype | None = None,
         seed: int = 0,
     ) -> None:
-        if models.schedule.prediction_type != "epsilon":
+        if models.schedule.prediction_type != PredictionType.epsilon:
             raise ValueError(
-                f"ZeroscopeConfig.pretrained_model must be an ε-prediction model, its scheduler says "
-                f"prediction_type={models.schedule.prediction_type!r}"
+                "guidance.zeroscope.pretrained_model must be an ε-prediction model, its scheduler says "
+                f"prediction_type={str(models.schedule.prediction_type)!r}"
             )
-        if cfg.n_frames < 1:
-            raise ValueError(f"ZeroscopeConfig.n_frames must be >= 1, got {cfg.n_frames}")
-        if cfg.vae_grad_frames is not None and not 1 <= cfg.vae_grad_frames <= cfg.n_frames:
-            raise ValueError(
-                f"ZeroscopeConfig.vae_grad_frames must be None or in [1, n_frames={cfg.n_frames}], "
-                f"got {cfg.vae_grad_frames}"
-            )
-        if not 0 <= cfg.min_step_percent <= cfg.max_step_percent < 1:
-            raise ValueError(
-                "ZeroscopeConfig needs 0 <= min_step_percent <= max_step_percent < 1, got "
-                f"{cfg.min_step_percent}, {cfg.max_step_percent}"
-            )
+        cfg.validate()
+        super().__init__(
+            vae=models.vae,
+            tokenizer=models.tokenizer,
+            text_encoder=models.text_encoder,
+            native_size=(cfg.render_height, cfg.render_width),
+            device=device,
+            dtype=dtype,
+            offload=cfg.offload,
+            vae_gradient_checkpointing=cfg.vae_gradient_checkpointing,
+            seed=seed,
+        )
         self.cfg = cfg
-        self.device = torch.device(device)
-        self.dtype = resolve_dtype(self.device, dtype)
-        self.placement = Placement(self.device, cfg.offload)
-        self.unet = self.placement.home(frozen(models.unet, self.dtype))
-        self.vae = frozen(models.vae, self.dtype).to(self.device)
-        if cfg.vae_gradient_checkpointing:
-            self.vae.enable_gradient_checkpointing()
-        self.text = PromptEncoder(models.tokenizer, models.text_encoder, self.placement, self.dtype)
+        self.unet = self.rest(models.unet)
         self.schedule = models.schedule
         self.alphas_cumprod = models.schedule.alphas_cumprod  # float64 [T]
         self.num_timesteps = self.alphas_cumprod.shape[0]
@@ -95,8 +87,6 @@ class ZeroscopeGuidance:
         self.max_step = int(self.num_timesteps * cfg.max_step_percent)  # 980
         self.n_frames = cfg.n_frames
         self.n_views = cfg.n_frames
-        self.native_size = (cfg.render_height, cfg.render_width)
-        self.generator = torch.Generator().manual_seed(seed)
 
     @classmethod
     def from_config(
@@ -108,6 +98,7 @@ class ZeroscopeGuidance:
         config_key: str = "guidance.zeroscope",
     ) -> ZeroscopeGuidance:
         """Load the weights named by `cfg` (hub id or local path; see weights.py) and build the prior."""
+        cfg.validate(config_key)  # before any weights are looked for
         weights_dtype = resolve_dtype(device, dtype)
         key = f"{config_key}.pretrained_model"
         loc = locate_pretrained(
@@ -115,8 +106,8 @@ class ZeroscopeGuidance:
         )
         tokenizer, text_encoder = load_text_encoder(loc, key, weights_dtype)
         models = ZeroscopeModels(
-            unet=load_unet3d(loc, key, weights_dtype),
-            vae=load_vae(loc, key, weights_dtype),
+            unet=load_frozen(UNet3DConditionModel, loc, "unet", key, weights_dtype),
+            vae=load_frozen(AutoencoderKL, loc, "vae", key, weights_dtype),
             tokenizer=tokenizer,
             text_encoder=text_encoder,
             schedule=load_noise_schedule(loc, key),
@@ -140,23 +131,17 @@ class ZeroscopeGuidance:
             )
         if len(cameras) != self.n_frames:
             raise ValueError(f"cameras: need one camera per frame ({self.n_frames}), got {len(cameras)}")
-        if not isinstance(prompt, str) or not prompt:
-            raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
+        check_prompt(prompt)
 
     def encode(self, renders: torch.Tensor) -> torch.Tensor:
         """frames [F, H, W, 3] in [0, 1] -> latents [1, 4, F, h, w] float32, frames encoded one by one."""
-        x = renders.permute(0, 3, 1, 2).to(self.device, torch.float32)
-        x = F.interpolate(
-            x, (self.cfg.image_height, self.cfg.image_width), mode="bilinear", align_corners=False
-        )
         grad_mask = None
         if self.cfg.vae_grad_frames is not None and self.cfg.vae_grad_frames < self.n_frames:
             keep = torch.randperm(self.n_frames, generator=self.generator)[: self.cfg.vae_grad_frames]
             kept = set(keep.tolist())
             grad_mask = [i in kept for i in range(self.n_frames)]
-        latents = encode_latents(
-            self.vae, x, self.generator if self.cfg.sample_posterior else None, grad_mask
-        )
+        size = (self.cfg.image_height, self.cfg.image_width)
+        latents = self.vae_latents(renders, size, self.cfg.sample_posterior, grad_mask)
         return latents.permute(1, 0, 2, 3).unsqueeze(0)  # [F, 4, h, w] -> [1, 4, F, h, w]
 
     def __call__(
@@ -178,11 +163,12 @@ class ZeroscopeGuidance:
         if latents.ndim != 5 or latents.shape[0] != 1:
             raise ValueError(f"latents must be [1, 4, F, h, w], got {tuple(latents.shape)}")
         if t is None:
-            t = int(torch.randint(self.min_step, self.max_step + 1, (1,), generator=self.generator))
+            t = int(self.draw_timesteps(self.min_step, self.max_step, 1))
         if noise is None:
-            noise = torch.randn(latents.shape, generator=self.generator, dtype=torch.float32)
+            noise = self.draw_noise(latents.shape)
         noise = noise.to(latents.device, torch.float32)
-        a_bar = float(self.alphas_cumprod[t])
+        alpha_bar = self.alphas_cumprod[t]  # 0-dim float64, as the Python float below
+        a_bar = float(alpha_bar)
 
         direction = None
         if self.cfg.view_dependent_prompting:  # one camera per video: the first frame's
@@ -190,31 +176,14 @@ class ZeroscopeGuidance:
         text = self.text.cfg_pair(prompt, self.cfg.negative_prompt, 1, direction)  # [2, 77, C]
 
         with torch.no_grad():
-            z_t = a_bar**0.5 * latents.detach() + (1.0 - a_bar) ** 0.5 * noise
+            z_t = add_noise(latents.detach(), noise, alpha_bar)
             t_in = torch.full((2,), t, device=self.device, dtype=torch.long)
             with self.placement.active(self.unet):
                 z_in = torch.cat([z_t, z_t]).to(self.dtype)  # diffusers casts its time embedding to this
                 eps = self.unet(z_in, t_in, encoder_hidden_states=text).sample.float()
-            eps_cond, eps_uncond = eps.chunk(2)  # authors' order: [cond, uncond]
-            eps_cfg = eps_cond + self.cfg.guidance_scale * (eps_cond - eps_uncond)  # as the authors write it
+            # As the authors write it: ε_c + s(ε_c − ε_u).
+            eps_cfg = cfg_mix(*cfg_halves(eps), self.cfg.guidance_scale, from_cond=True)
             grad = torch.nan_to_num((1.0 - a_bar) * (eps_cfg - noise))  # w(t) = 1 − ᾱ_t
 
         loss = self.cfg.loss_weight * sds_loss(latents, grad)
         return GuidanceOut(loss=loss, stats={"t": float(t), "grad_norm": float(grad.norm())})
-
-    def render_size(self, step: int) -> tuple[int, int]:
-        """(height, width) of the renders: native_size at every step."""
-        return self.native_size
-
-    def finetune_step(
-        self, renders: torch.Tensor, prompt: str, cameras: Cameras, step: int
-    ) -> dict[str, float]:
-        """Zeroscope has no trainable state."""
-        return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        """The random generator's state (the only state that changes)."""
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])

@@ -6,7 +6,6 @@ from fourdfy.render.cameras import (
     cameras_from_spherical,
     look_at_c2w,
     mvdream_camera,
-    orbit_cameras,
     sample_cameras,
     sample_video_camera,
 )
@@ -23,7 +22,6 @@ __all__ = [
     "get_rays",
     "look_at_c2w",
     "mvdream_camera",
-    "orbit_cameras",
     "ray_sphere_near_far",
     "sample_cameras",
     "sample_video_camera",

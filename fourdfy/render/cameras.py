@@ -1,4 +1,6 @@
-"""Cameras: the project's one camera convention, random training cameras, orbits, MVDream's camera input.
+"""Cameras: the project's one camera convention, random training cameras, MVDream's camera input.
+
+Evaluation cameras and camera paths (orbits) live in fourdfy/render/trajectories.py.
 
 Convention (fixed by the lead, threestudio's): world z-up; a camera at (elevation e, azimuth a, distance d)
 sits at d·(cos e cos a, cos e sin a, sin e), looks at the origin with world up +z, and its camera-to-world
@@ -170,35 +172,32 @@ class CameraSamplingConfig:
     # data.*.fovy_range: [15, 60] (vertical field of view, degrees).
     fovy_range: tuple[float, float] = (15.0, 60.0)
 
-    def __post_init__(self) -> None:
-        self.validate()
-
     def validate(self) -> None:
-        """Raise ValueError naming the field if a range is empty, reversed or outside its domain."""
+        """Raise ValueError naming the key if a range is empty, reversed or outside its domain."""
         for name in ("elevation_range", "azimuth_range", "distance_range", "fovy_range"):
             low, high = getattr(self, name)
             if not low <= high:
                 raise ValueError(
-                    f"CameraSamplingConfig.{name} must be (low, high) with low <= high, got {(low, high)}"
+                    f"cameras.{name} must be (low, high) with low <= high, got {(low, high)}"
                 )
         e0, e1 = self.elevation_range
         if not (-90.0 < e0 and e1 < 90.0):
             raise ValueError(
-                f"CameraSamplingConfig.elevation_range must lie strictly inside (-90, 90) degrees (the "
+                f"cameras.elevation_range must lie strictly inside (-90, 90) degrees (the "
                 f"look-at frame is undefined at the poles), got {(e0, e1)}"
             )
         f0, f1 = self.fovy_range
         if not (0.0 < f0 and f1 < 180.0):
             raise ValueError(
-                f"CameraSamplingConfig.fovy_range must lie strictly inside (0, 180) degrees, got {(f0, f1)}"
+                f"cameras.fovy_range must lie strictly inside (0, 180) degrees, got {(f0, f1)}"
             )
         if not self.distance_range[0] > 0.0:
             raise ValueError(
-                f"CameraSamplingConfig.distance_range must be positive, got {self.distance_range}"
+                f"cameras.distance_range must be positive, got {self.distance_range}"
             )
         if not 0.0 <= self.sphere_uniform_fraction <= 1.0:
             raise ValueError(
-                "CameraSamplingConfig.sphere_uniform_fraction must be in [0, 1], "
+                "cameras.sphere_uniform_fraction must be in [0, 1], "
                 f"got {self.sphere_uniform_fraction}"
             )
 
@@ -252,25 +251,6 @@ def sample_video_camera(n_frames: int, cfg: CameraSamplingConfig, generator: tor
         raise ValueError(f"n_frames must be a positive int, got {n_frames!r}")
     single = sample_cameras(1, cfg, generator)
     return Cameras.cat([single] * n_frames)
-
-
-def orbit_cameras(
-    n: int,
-    elevation: float = 15.0,
-    distance: float = 3.0,
-    fovy_deg: float = 40.0,
-    azimuth_start: float = 0.0,
-    azimuth_span: float = 360.0,
-) -> Cameras:
-    """n cameras evenly spaced in azimuth: azimuth_start + k·azimuth_span/n, k = 0..n−1 (end excluded).
-
-    Defaults are the evaluation camera (REFERENCE.md: elevation 15°, distance 3.0, FoV 40°;
-    authors' data.eval_camera_distance: 3.0, eval_fovy_deg: 40).
-    """
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
-    azimuth = azimuth_start + torch.arange(n, dtype=torch.float64) * (azimuth_span / n)
-    return cameras_from_spherical(elevation, azimuth, distance, fovy_deg)
 
 
 def mvdream_camera(c2w: torch.Tensor) -> torch.Tensor:

@@ -63,25 +63,26 @@ class RendererConfig:
     # cell whose centre is empty is caught through its occupied neighbour.
     occupancy_dilation: int = 1
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
+        """Raise ValueError naming the key for a value out of range (the Renderer calls it)."""
         if self.n_samples < 1:
-            raise ValueError(f"RendererConfig.n_samples must be >= 1, got {self.n_samples}")
+            raise ValueError(f"renderer.n_samples must be >= 1, got {self.n_samples}")
         if not self.radius > 0:
-            raise ValueError(f"RendererConfig.radius must be > 0, got {self.radius}")
+            raise ValueError(f"renderer.radius must be > 0, got {self.radius}")
         if self.chunk_rays is not None and self.chunk_rays < 1:
             raise ValueError(
-                f"RendererConfig.chunk_rays must be >= 1 or None (no chunking), got {self.chunk_rays}"
+                f"renderer.chunk_rays must be >= 1 or None (no chunking), got {self.chunk_rays}"
             )
         if self.occupancy_resolution < 1:
             raise ValueError(
-                f"RendererConfig.occupancy_resolution must be >= 1, got {self.occupancy_resolution}"
+                f"renderer.occupancy_resolution must be >= 1, got {self.occupancy_resolution}"
             )
         if self.occupancy_threshold < 0:
             raise ValueError(
-                f"RendererConfig.occupancy_threshold must be >= 0, got {self.occupancy_threshold}"
+                f"renderer.occupancy_threshold must be >= 0, got {self.occupancy_threshold}"
             )
         if self.occupancy_dilation < 0:
-            raise ValueError(f"RendererConfig.occupancy_dilation must be >= 0, got {self.occupancy_dilation}")
+            raise ValueError(f"renderer.occupancy_dilation must be >= 0, got {self.occupancy_dilation}")
 
 
 def composite(
@@ -186,6 +187,7 @@ class Renderer:
 
     def __init__(self, cfg: RendererConfig | None = None):
         self.cfg = cfg if cfg is not None else RendererConfig()
+        self.cfg.validate()
         self.occupancy: OccupancyGrid | None = None
         if self.cfg.occupancy_grid:
             self.occupancy = OccupancyGrid(self.cfg.occupancy_resolution, self.cfg.radius)

@@ -31,14 +31,16 @@ from typing import Any
 
 import torch
 
+from fourdfy.atomic import atomic_path
+from fourdfy.enums import StrChoice
 from fourdfy.guidance.base import GuidanceOut, sds_loss
 from fourdfy.guidance.noise import scaled_linear_alphas_cumprod
-from fourdfy.render.cameras import Cameras, cameras_from_spherical, orbit_cameras
+from fourdfy.kinds import UpdateKind
+from fourdfy.render.cameras import Cameras, cameras_from_spherical
+from fourdfy.render.trajectories import EVAL_CAMERA, orbit_cameras
+from fourdfy.render.views import WHITE, render_views
 from fourdfy.render.volume import Renderer, RendererConfig
 from fourdfy.synthetic.scenes import SCENES, ToyScene, get_scene
-
-WHITE = torch.ones(3)
-
 
 # ----------------------------------------------------------------------------------------------
 # The closed form
@@ -93,14 +95,23 @@ class ToyDataConfig:
 
     elevations_deg: list[float] = field(default_factory=lambda: [0.0, 10.0, 20.0, 30.0])  # data camera rings
     azimuth_step_deg: float = 5.0  # spacing of data cameras in azimuth
-    distance: float = 3.0  # data camera distance; training cameras must use the same
-    fovy_deg: float = 40.0  # data camera field of view; training cameras must use the same
+    # Data camera distance and field of view: the evaluation camera's, so the ground truth is seen as the data
+    # were; training cameras must use the same (demo_cpu: cameras.distance_range [3, 3], fovy_range [40, 40]).
+    distance: float = EVAL_CAMERA.distance
+    fovy_deg: float = EVAL_CAMERA.fovy_deg
     n_samples: int = 96  # samples per ray for the ground-truth renders
     render_radius: float = 1.0  # bounding-sphere radius of the toy scenes
     # Scene times the 3D and image priors' data show. [0.0]: a still of the first frame (render their steps
     # at t = 0, trainer.static_prior_time); several times: any frame of the motion is a plausible image, as
     # for the real SD/MVDream, which know nothing of time (their steps may then render any frame time).
     image_times: list[float] = field(default_factory=lambda: [0.0])
+
+
+class ToyWeighting(StrChoice):
+    """How a toy prior weights its score by the timestep."""
+
+    recon = "recon"  # x̂0 target: w(t) = √((1−ᾱ)/ᾱ) (a reconstruction loss on the denoised image)
+    sds = "sds"  # w(t) = 1 − ᾱ, as the real priors' SDS (our Zeroscope and SD guidance)
 
 
 @dataclass
@@ -114,7 +125,7 @@ class ToyMultiViewConfig:
     guidance_scale: float = 1.0  # CFG scale (the ideal conditional needs little)
     t_min: float = 0.02  # timestep range as a fraction of 1000
     t_max: float = 0.98
-    weighting: str = "recon"  # "recon" (x̂0 target, w = √((1−ᾱ)/ᾱ)) or "sds" (w = 1−ᾱ)
+    weighting: ToyWeighting = ToyWeighting.recon  # recon (x̂0 target, w = √((1−ᾱ)/ᾱ)) or sds (w = 1−ᾱ)
 
 
 @dataclass
@@ -126,7 +137,7 @@ class ToyImageConfig:
     guidance_scale: float = 1.0
     t_min: float = 0.02  # REFERENCE.md: t ∈ [0.02, 0.50] for VSD
     t_max: float = 0.5
-    weighting: str = "recon"
+    weighting: ToyWeighting = ToyWeighting.recon  # recon or sds (see ToyWeighting)
     use_vsd: bool = True  # False: plain SDS (ε′ = ε)
     lora_camera_tau_deg: float = 10.0  # ε′'s camera kernel over the buffer
     buffer_size: int = 64  # renders kept by the "LoRA"
@@ -149,7 +160,7 @@ class ToyVideoConfig:
     guidance_scale: float = 1.0
     t_min: float = 0.02
     t_max: float = 0.98
-    weighting: str = "recon"
+    weighting: ToyWeighting = ToyWeighting.recon  # recon or sds (see ToyWeighting)
     loss_weight: float = 1.0  # λ_video (0.1 with the real Zeroscope)
 
 
@@ -162,10 +173,15 @@ class SyntheticPriorsConfig:
     image: ToyImageConfig = field(default_factory=ToyImageConfig)
     video: ToyVideoConfig = field(default_factory=ToyVideoConfig)
 
-
-def _check_weighting(name: str, weighting: str) -> None:
-    if weighting not in ("recon", "sds"):
-        raise ValueError(f"{name}.weighting must be 'recon' or 'sds', got {weighting!r}")
+    def validate(self) -> None:
+        """Raise ValueError naming the key (guidance.synthetic.<prior>.<field>) for a value out of range."""
+        for name, prior in (("multiview", self.multiview), ("image", self.image), ("video", self.video)):
+            if not 0.0 <= prior.t_min <= prior.t_max <= 1.0:
+                raise ValueError(f"guidance.synthetic.{name} needs 0 <= t_min <= t_max <= 1, "
+                                 f"got t_min={prior.t_min}, t_max={prior.t_max}")
+        if self.multiview.size != self.image.size:
+            raise ValueError("guidance.synthetic.multiview.size and guidance.synthetic.image.size must be equal "
+                             f"(they share one data render), got {self.multiview.size} and {self.image.size}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,9 +205,8 @@ def _cached(kind: str, key: dict[str, Any], make) -> Any:
     value = make()
     try:
         root.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        torch.save(value, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(value, tmp)
     except OSError:  # a read-only home is no reason to fail a run
         pass
     return value
@@ -217,17 +232,10 @@ def _blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
 def render_scene(
     scene: ToyScene, cameras: Cameras, times: torch.Tensor, size: int, cfg: ToyDataConfig, chunk: int = 64
 ) -> dict[str, torch.Tensor]:
-    """Ground truth of an analytic scene on white: rgb [B,size,size,3], opacity and depth_normalized [B,size,size]."""
+    """Ground truth of an analytic scene on white (cfg.n_samples per ray through cfg.render_radius):
+    rgb [B,size,size,3], depth and opacity [B,size,size] (see :func:`fourdfy.render.views.render_views`)."""
     renderer = Renderer(RendererConfig(n_samples=cfg.n_samples, radius=cfg.render_radius))
-    keys = ("rgb", "opacity", "depth_normalized")
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
-    with torch.no_grad():
-        for i in range(0, len(cameras), chunk):
-            out = renderer.render(scene, cameras[i : i + chunk], times[i : i + chunk], size, size,
-                                  background=WHITE, train=False)
-            for k in keys:
-                parts[k].append(out[k])
-    return {k: torch.cat(v) for k, v in parts.items()}
+    return render_views(scene, renderer, cameras, times, size, WHITE, chunk)
 
 
 def _ring_cameras(elevations: list[float], azimuth_step: float, cfg: ToyDataConfig) -> Cameras:
@@ -278,12 +286,12 @@ class _ClosedFormPrior:
     native_size: tuple[int, int]
     is_video: bool = False
 
-    def __init__(self, t_min: float, t_max: float, guidance_scale: float, weighting: str, seed: int):
+    def __init__(self, t_min: float, t_max: float, guidance_scale: float, weighting: ToyWeighting | str, seed: int):
         if not 0.0 <= t_min <= t_max <= 1.0:
             raise ValueError(f"need 0 <= t_min <= t_max <= 1, got t_min={t_min}, t_max={t_max}")
         self.t_min, self.t_max = t_min, t_max
         self.guidance_scale = guidance_scale
-        self.weighting = weighting
+        self.weighting = ToyWeighting(weighting)
         self.alphas_cumprod = scaled_linear_alphas_cumprod()
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -314,7 +322,7 @@ class _ClosedFormPrior:
                 eps = eps_c
             eps_ref = noise if eps_prime_fn is None else eps_prime_fn(z, ab, noise)
             # recon: w = √((1−ᾱ)/ᾱ), so the gradient is (x̂0(ε_ref) − x̂0(ε̂)) in image units; sds: w = 1−ᾱ.
-            w = math.sqrt((1.0 - ab) / ab) if self.weighting == "recon" else (1.0 - ab)
+            w = math.sqrt((1.0 - ab) / ab) if self.weighting is ToyWeighting.recon else (1.0 - ab)
             grad = w * (eps - eps_ref)
         return GuidanceOut(sds_loss(x, grad), {"t": float(t), "grad_norm": float(grad.norm())})
 
@@ -322,7 +330,8 @@ class _ClosedFormPrior:
         """(height, width) of the renders: native_size at every step."""
         return self.native_size
 
-    def finetune_step(self, renders: torch.Tensor, prompt: str, cameras: Cameras, step: int) -> dict[str, float]:
+    def finetune_step(self, renders: torch.Tensor, prompt: str, cameras: Cameras, step: int,
+                      latents: torch.Tensor | None = None) -> dict[str, float]:
         return {}
 
     def state_dict(self) -> dict[str, Any]:
@@ -336,7 +345,6 @@ class ToyMultiViewPrior(_ClosedFormPrior):
     """Camera-conditioned 4-view prior over blurred data: right 3D, soft appearance."""
 
     def __init__(self, cfg: ToyMultiViewConfig, bank: ImageBank, seed: int = 0):
-        _check_weighting("multiview", cfg.weighting)
         super().__init__(cfg.t_min, cfg.t_max, cfg.guidance_scale, cfg.weighting, seed)
         self.cfg, self.bank = cfg, bank
         self.n_views = cfg.n_views
@@ -355,7 +363,6 @@ class ToyImagePrior(_ClosedFormPrior):
     """Sharp, camera-agnostic prior with VSD's fine-tuned branch as a buffer of recent renders."""
 
     def __init__(self, cfg: ToyImageConfig, bank: ImageBank, seed: int = 0):
-        _check_weighting("image", cfg.weighting)
         super().__init__(cfg.t_min, cfg.t_max, cfg.guidance_scale, cfg.weighting, seed)
         self.cfg, self.bank = cfg, bank
         self.n_views = 1
@@ -375,7 +382,7 @@ class ToyImagePrior(_ClosedFormPrior):
 
         return self._step(x, self.bank.images[prompt], self.bank.all_images, None, None, eps_prime_fn)
 
-    def finetune_step(self, renders, prompt, cameras, step) -> dict[str, float]:
+    def finetune_step(self, renders, prompt, cameras, step, latents=None) -> dict[str, float]:
         """VSD's LoRA step, in closed form: remember the render and its camera (FIFO of buffer_size)."""
         if not self.cfg.use_vsd:
             return {}
@@ -400,7 +407,6 @@ class ToyVideoPrior(_ClosedFormPrior):
     is_video = True
 
     def __init__(self, cfg: ToyVideoConfig, data_cfg: ToyDataConfig, seed: int = 0):
-        _check_weighting("video", cfg.weighting)
         super().__init__(cfg.t_min, cfg.t_max, cfg.guidance_scale, cfg.weighting, seed)
         self.cfg = cfg
         self.n_views = cfg.n_frames
@@ -474,15 +480,16 @@ class ToyVideoPrior(_ClosedFormPrior):
         return GuidanceOut(self.cfg.loss_weight * out.loss, out.stats)
 
 
-def build_synthetic_priors(cfg: SyntheticPriorsConfig, prompt: str, seed: int = 0) -> dict[str, _ClosedFormPrior]:
-    """The three toy priors for a toy prompt: {"3d", "img", "vid"}. Renders the data sets once."""
+def build_synthetic_priors(
+    cfg: SyntheticPriorsConfig, prompt: str, seed: int = 0
+) -> dict[UpdateKind, _ClosedFormPrior]:
+    """The three toy priors for a toy prompt, one per update kind. Renders the data sets once."""
     get_scene(prompt)  # unknown prompt -> error listing the known ones, before any rendering
-    if cfg.multiview.size != cfg.image.size:
-        raise ValueError("synthetic multiview.size and image.size must be equal (they share one data render)")
+    cfg.validate()
     blurred, sharp = build_image_banks(cfg.multiview.size, cfg.data,
                                        [cfg.multiview.blur_sigma_px, cfg.image.blur_sigma_px])
     return {
-        "3d": ToyMultiViewPrior(cfg.multiview, blurred, seed=seed + 1),
-        "img": ToyImagePrior(cfg.image, sharp, seed=seed + 2),
-        "vid": ToyVideoPrior(cfg.video, cfg.data, seed=seed + 3),
+        UpdateKind.MULTIVIEW: ToyMultiViewPrior(cfg.multiview, blurred, seed=seed + 1),
+        UpdateKind.IMAGE: ToyImagePrior(cfg.image, sharp, seed=seed + 2),
+        UpdateKind.VIDEO: ToyVideoPrior(cfg.video, cfg.data, seed=seed + 3),
     }

@@ -21,9 +21,11 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel, UNet3DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from fourdfy.guidance.mvdream import MVDreamConfig, MVDreamGuidance
-from fourdfy.guidance.sd_vsd import SDVSDConfig, SDVSDGuidance
-from fourdfy.guidance.zeroscope import ZeroscopeConfig, ZeroscopeGuidance
+from fourdfy.guidance.configs import MVDreamConfig, SDVSDConfig, ZeroscopeConfig
+from fourdfy.guidance.mvdream import MVDreamGuidance
+from fourdfy.guidance.sd_vsd import SDVSDGuidance
+from fourdfy.guidance.zeroscope import ZeroscopeGuidance
+from fourdfy.kinds import UpdateKind
 from fourdfy.models.mvdream_unet import CHECKPOINT_PREFIX, MultiViewUNet
 
 CONTEXT_DIM = 32  # tiny CLIP hidden size = every tiny UNet's cross-attention width
@@ -251,15 +253,17 @@ def save_tiny_models(root: Path) -> dict[str, Path]:
     }
 
 
-def build_tiny_guidances(tmp_path: Path, seed: int = 0) -> dict[str, Any]:
-    """Tiny random-weight priors {"3d": MVDream, "img": SD VSD, "vid": Zeroscope}, loaded via from_config.
+def build_tiny_guidances(tmp_path: Path, seed: int = 0) -> dict[UpdateKind, Any]:
+    """Tiny random-weight priors {MULTIVIEW: MVDream, IMAGE: SD VSD, VIDEO: Zeroscope}, loaded via from_config.
 
-    Render sizes: "3d" 4 views of 32×32 (or 16×16), "img" 1 view of 32×32, "vid" 4 frames of 16×24
-    (each prior's `n_views` and `native_size` say so).
+    Render sizes: MULTIVIEW 4 views of 32×32 (or 16×16), IMAGE 1 view of 32×32, VIDEO 4 frames of 16×24
+    (each prior's `n_views` and `native_size` say so). Keys are str enums: `guidances["vid"]` works too.
     """
     paths = save_tiny_models(tmp_path)
     return {
-        "3d": MVDreamGuidance.from_config(tiny_mvdream_config(paths["mvdream"], paths["sd_base"]), seed=seed),
-        "img": SDVSDGuidance.from_config(tiny_sd_vsd_config(paths["sd_base"], paths["sd_v"]), seed=seed),
-        "vid": ZeroscopeGuidance.from_config(tiny_zeroscope_config(paths["zeroscope"]), seed=seed),
+        UpdateKind.MULTIVIEW: MVDreamGuidance.from_config(
+            tiny_mvdream_config(paths["mvdream"], paths["sd_base"]), seed=seed
+        ),
+        UpdateKind.IMAGE: SDVSDGuidance.from_config(tiny_sd_vsd_config(paths["sd_base"], paths["sd_v"]), seed=seed),
+        UpdateKind.VIDEO: ZeroscopeGuidance.from_config(tiny_zeroscope_config(paths["zeroscope"]), seed=seed),
     }

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_generate_in_subprocess(run_dir: Path, overrides: list[str], kill_after: int | None) -> int:
@@ -18,7 +18,7 @@ def run_generate_in_subprocess(run_dir: Path, overrides: list[str], kill_after: 
     script = textwrap.dedent(f"""
         import os, signal, sys
         sys.path[:0] = [{str(REPO)!r}, {str(REPO / "tests")!r}]
-        from configs import compose_run_config
+        from fourdfy.config import compose_run_config
         from fourdfy.api import generate
 
         def kill(trainer, iteration):
