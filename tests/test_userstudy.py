@@ -281,6 +281,10 @@ BAD_BODIES = [
                  "answers": {k: "left" for k in CRITERION_KEYS}}), "rater_id must be"),
     (json.dumps({"rater_id": "r", "comparison_id": "C1", "answers": ["left"] * 5}),
      "answers must be an object"),
+    (json.dumps({"rater_id": "r\n", "comparison_id": "C1",  # `$` used to accept a trailing newline
+                 "answers": {k: "left" for k in CRITERION_KEYS}}), "rater_id must be"),
+    ('{"rater_id": "r", "comparison_id": ' + "9" * 5000 + "}", "malformed JSON"),  # int-digit limit: was 500
+    ("[" * 5000 + "]" * 5000, "malformed JSON"),  # nesting past the parser's stack: was 500
 ]
 
 

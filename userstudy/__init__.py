@@ -56,3 +56,19 @@ CHOICES: tuple[str, ...] = ("left", "right")
 CSV_COLUMNS: tuple[str, ...] = (
     "rater_id", "comparison_id", "prompt", "left_method", "right_method", "criterion", "choice",
 )
+
+# Spreadsheets run a cell that starts with one of these as a formula (OWASP "CSV injection"), so the
+# export prefixes such cells with an apostrophe. A cell that already starts with an apostrophe gets one
+# too, so `csv_unquote` undoes `csv_quote` exactly (prompts and method names come back unchanged).
+CSV_FORMULA_STARTS: tuple[str, ...] = ("=", "+", "-", "@", "\t", "\r")
+_CSV_QUOTED_STARTS: tuple[str, ...] = (*CSV_FORMULA_STARTS, "'")
+
+
+def csv_quote(cell: str) -> str:
+    """A cell that no spreadsheet reads as a formula: `=1+1` -> `'=1+1`."""
+    return "'" + cell if cell.startswith(_CSV_QUOTED_STARTS) else cell
+
+
+def csv_unquote(cell: str) -> str:
+    """Inverse of `csv_quote`: `'=1+1` -> `=1+1`; any other cell is returned as is."""
+    return cell[1:] if cell.startswith("'") and cell[1:].startswith(_CSV_QUOTED_STARTS) else cell

@@ -8,7 +8,8 @@ Each side is either a folder of run directories (`config.yaml` with top-level `p
 prompt (`a_panda_dancing.mp4` -> "a panda dancing", as MAV3D's website and the authors' survey name
 them). `--baseline` may be repeated to put several baselines in one survey (the paper's survey mixed
 MAV3D and ablation questions). Left/right placement and page order are drawn from `--seed`, which is
-recorded in `manifest.json` together with every comparison's prompt, methods and video files.
+recorded in `manifest.json` together with every comparison's prompt, methods and video files, and
+the list of files raters may fetch (`public_files`), the only ones `userstudy.serve` serves.
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ from typing import Literal
 import yaml
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
+from fourdfy.atomic import write_text_atomic
 from userstudy import CHOICES, CRITERIA
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 # Files copied verbatim from templates/ into SITE/static/.
 STATIC_FILES: tuple[str, ...] = ("style.css", "study.js")
 MANIFEST_NAME = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: `public_files`, the allow-list the server serves from
 ORBIT_VIDEO = Path("renders") / "orbit.mp4"  # the run-directory layout fixed by the lead
 
 
@@ -261,12 +263,17 @@ def build_site(
                      for n, p in pairings.items()},
         "skipped_runs": {s.name: s.skipped for s in (ours, *baselines) if s.skipped},
     }
-    _render_pages(out, comparisons)
-    (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    pages = _render_pages(out, comparisons)
+    videos = [side["video"] for comp in comparisons.values() for side in (comp["left"], comp["right"])]
+    # The server serves these names and nothing else (not this manifest, not stray files in `out`).
+    manifest["public_files"] = sorted({*pages, *videos})
+    # Atomic: a server (or --overwrite) never reads half a manifest, the file that says what is public.
+    write_text_atomic(out / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
-def _render_pages(out: Path, comparisons: dict[str, dict]) -> None:
+def _render_pages(out: Path, comparisons: dict[str, dict]) -> list[str]:
+    """Write the HTML pages and static files; returns their paths relative to `out` (POSIX)."""
     env = Environment(
         loader=FileSystemLoader(TEMPLATES_DIR),
         autoescape=select_autoescape(["html"], default_for_string=True, default=True),
@@ -297,6 +304,8 @@ def _render_pages(out: Path, comparisons: dict[str, dict]) -> None:
         ), encoding="utf-8")
     for name in STATIC_FILES:
         shutil.copyfile(TEMPLATES_DIR / name, out / "static" / name)
+    return ["index.html", "done.html", *(comparisons[cid]["page"] for cid in ids),
+            *(f"static/{name}" for name in STATIC_FILES)]
 
 
 def _report(manifest: dict, out: Path) -> str:
