@@ -87,7 +87,8 @@ def test_look_at_rejects_non_positive_distance():
 
 
 def _ours_as_mvdream(elevation: float, mvdream_azimuths: list[float], distance: float) -> torch.Tensor:
-    # MVDream's get_camera(e, a) is our c2w at azimuth a - 90° (REFERENCE.md), translation normalised.
+    # MVDream's get_camera(e, a) is our c2w at azimuth a - 90°, translation normalised
+    # (shared/testdata/mvdream/cameras.json).
     azim = torch.tensor(mvdream_azimuths, dtype=torch.float64) - 90.0
     return mvdream_camera(look_at_c2w(elevation, azim, distance)).double()
 

@@ -153,7 +153,7 @@ def cameras_from_spherical(
 
 @dataclass
 class CameraSamplingConfig:
-    """Random training cameras (REFERENCE.md §Rendering; authors' configs/fourdfy_stage_*.yaml `data:`)."""
+    """Random training cameras (authors' configs/fourdfy_stage_*.yaml `data:`)."""
 
     # data.*.elevation_range: [0, 30] (degrees above the xy plane).
     elevation_range: tuple[float, float] = (0.0, 30.0)
@@ -245,8 +245,8 @@ def sample_cameras(n_views: int, cfg: CameraSamplingConfig, generator: torch.Gen
 
 
 def sample_video_camera(n_frames: int, cfg: CameraSamplingConfig, generator: torch.Generator) -> Cameras:
-    """One random camera repeated for all n_frames frames of a video step (REFERENCE.md: "Video: one fixed
-    camera for all 16 frames"). Draws the same 5 numbers as sample_cameras(1, ...)."""
+    """One random camera repeated for all n_frames frames of a video step (the authors' single-view video
+    batches: one camera for all 16 frames). Draws the same 5 numbers as sample_cameras(1, ...)."""
     if not isinstance(n_frames, int) or n_frames < 1:
         raise ValueError(f"n_frames must be a positive int, got {n_frames!r}")
     single = sample_cameras(1, cfg, generator)
@@ -257,7 +257,7 @@ def mvdream_camera(c2w: torch.Tensor) -> torch.Tensor:
     """MVDream's 16-number camera input: c2w with translation scaled to unit length, flattened row-major.
 
     c2w: [B, 4, 4] -> [B, 16] (same dtype). For our look-at camera at (e, a, d) this equals MVDream's
-    get_camera(elevation=e, azimuth=a + 90°) (REFERENCE.md §Guidance; checked against
+    get_camera(elevation=e, azimuth=a + 90°) (MVDream's camera_utils.get_camera; checked against
     shared/testdata/mvdream/cameras.json). Unlike MVDream's normalize_camera it does not modify its input.
     """
     if c2w.ndim != 3 or c2w.shape[1:] != (4, 4):

@@ -135,7 +135,9 @@ class ToyImageConfig:
     size: int = 32
     blur_sigma_px: float = 0.0  # sharp data: the image prior's advantage
     guidance_scale: float = 1.0
-    t_min: float = 0.02  # REFERENCE.md: t ∈ [0.02, 0.50] for VSD
+    # The real VSD's range late in training (authors' stage-2 guidance: min_step_percent 0.02, max_step_percent
+    # 0.98 annealed to max_step_percent_annealed 0.5).
+    t_min: float = 0.02
     t_max: float = 0.5
     weighting: ToyWeighting = ToyWeighting.recon  # recon or sds (see ToyWeighting)
     use_vsd: bool = True  # False: plain SDS (ε′ = ε)
@@ -148,7 +150,7 @@ class ToyVideoConfig:
     """Video prior (Zeroscope's role)."""
 
     size: int = 16  # lower resolution than the image priors
-    n_frames: int = 16  # frames per clip, 1/16 apart in time (REFERENCE.md)
+    n_frames: int = 16  # frames per clip, 1/16 apart in time (authors' data.single_view.num_frames: 16)
     blur_sigma_px: float = 0.5
     color_gain: list[float] = field(default_factory=lambda: [1.0, 0.92, 0.85])  # colour shift of the data
     camera_tau_deg: float | None = 25.0  # weak in 3D: a wide camera kernel; None: no camera input (as Zeroscope)
