@@ -1,23 +1,30 @@
-"""Turn a Table-2 sweep into the paper's Table 2: metrics per variant, run status, user-study preferences.
+"""Turn runs into a table: one row per configuration, metrics over seeds, run status, user-study preferences.
 
     python -m ablations.collect OUTPUT_DIR [--out DIR] [--recompute] [--userstudy ANSWERS.csv] [--clip]
 
-OUTPUT_DIR is a Hydra multirun directory (``multirun.yaml`` + one directory per job), a folder of them,
-or any folder of run directories (e.g. ``outputs/``). Steps:
+OUTPUT_DIR is the runs' root (``outputs/``, where run.py puts single runs and sweeps alike), any folder below it,
+or any folder of run directories. Steps:
 
 1. Find the runs: every directory with ``.hydra/`` or ``config.yaml`` + ``fingerprint.json`` (hidden
    folders such as ``.submitit/`` are skipped). The jobs a sweep was meant to run are read back from its
-   ``multirun.yaml`` (sweeper params × command-line sweeps), so a job that never started is listed as
-   ``missing``, not dropped.
-2. Status per run: ``finished`` only when ``DONE`` exists (fourdfy.api writes it last); ``failed`` when
+   ``multirun.yaml`` (sweeper params × command-line sweeps, each composed to find its directory), so a job
+   that never started is listed as ``missing``, not dropped.
+2. Which configuration each run is: its preset, variant and tag (fourdfy/identity.py), computed from its stored
+   config. A run whose stored config disagrees with its directory (the directory is not the one that config
+   gets, or fingerprint.json does not match config.yaml) is ``mismatched``: reported, never merged into a row.
+3. Status per run: ``finished`` only when ``DONE`` exists (fourdfy.api writes it last); ``failed`` when
    submitit recorded an error for the job; ``unfinished`` otherwise (running, interrupted, killed).
-3. Metrics of finished runs, cached in the run's ``metrics.json`` under ``"eval"`` (written atomically;
+4. Metrics of finished runs, cached in the run's ``metrics.json`` under ``"eval"`` (written atomically;
    recomputed only with ``--recompute``): toy-world runs get ground-truth metrics (eval.gt_metrics, with
    the run's own eval settings); real runs get the CLIP score (eval.clip_score, paper §4.1).
-4. User-study preferences (userstudy.analyze) from ``--userstudy`` or ``OUTPUT_DIR/userstudy/answers.csv``:
+5. One row per configuration (preset, variant, tag): the swept settings as columns (every key that some row
+   sets away from its preset + variant), each metric's mean ± standard deviation over the row's finished runs
+   (all prompts and seeds: "pooled") and their count; the same per prompt (over seeds) in
+   ``table2_by_prompt.csv`` and under the Markdown table.
+6. User-study preferences (userstudy.analyze) from ``--userstudy`` or ``OUTPUT_DIR/userstudy/answers.csv``:
    the share of votes for ``--method`` (default ``full``) against each variant.
-5. Writes ``table2.csv``, ``table2.md``, ``table2.tex``, ``table2.png`` (bar plot) and ``runs.csv`` (one
-   line per run, every status) into ``--out`` (default OUTPUT_DIR).
+7. Writes ``table2.csv``, ``table2_by_prompt.csv``, ``table2.md``, ``table2.tex``, ``table2.png`` (bar plot) and
+   ``runs.csv`` (one line per run, every status) into ``--out`` (default OUTPUT_DIR).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import json
 import math
 import os
 import pickle
+import statistics
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,17 +43,20 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ablations.table2 import REFERENCE_VARIANT, ROWS, row_of
 from fourdfy.atomic import atomic_path, write_json_atomic, write_text_atomic
 from fourdfy.checkpoint import list_checkpoints
-from fourdfy.config import RunConfig
-from fourdfy.rundir import DONE_FILE
+from fourdfy.config import RunConfig, compose_run_config, slug
+from fourdfy.identity import DEFAULT_TAG, RunIdentity, base_config, identity_of, tag_items
+from fourdfy.rundir import DONE_FILE, FINGERPRINT_FILE, config_fingerprint, flat_config
 
 FINISHED, FAILED, UNFINISHED, MISSING = "finished", "failed", "unfinished", "missing"
-STATUSES = (FINISHED, FAILED, UNFINISHED, MISSING)
+STATUSES = (FINISHED, FAILED, UNFINISHED, MISSING)  # the statuses a table row counts
+MISMATCHED = "mismatched"  # stored config and directory disagree: reported, never in a row
 CRITERIA = ("AQ", "SQ", "MQ", "TA", "Overall")  # Table 2's human-preference columns (userstudy.CRITERIA)
 USERSTUDY_DEFAULT = Path("userstudy") / "answers.csv"  # looked for inside OUTPUT_DIR
 
@@ -75,17 +86,26 @@ _GT_KEYS = ("psnr", "ssim", "depth_error", "motion_error")
 
 @dataclass
 class RunRecord:
-    """One job of the sweep: where it is, how far it got, what it scored."""
+    """One job: where it is, which configuration it is, how far it got, what it scored."""
 
     variant: str
     prompt: str
     seed: int
-    status: str  # one of STATUSES
+    status: str  # one of STATUSES, or MISMATCHED
     path: Path | None  # None for a missing run
-    reason: str = ""  # why it is not finished
+    reason: str = ""  # why it is not finished (or not merged)
     backend: str | None = None  # guidance.backend: "synthetic" (toy world) or "real"
     metrics: dict[str, float] = field(default_factory=dict)
     config: RunConfig | None = None  # the run's config.yaml (None before the run wrote it)
+    preset: str = ""  # preset.name: with variant and tag, the run's configuration (one table row)
+    tag: str = ""  # the settings that differ from preset + variant, as its directory names them (fourdfy/identity.py)
+    settings: dict[str, Any] = field(default_factory=dict)  # every setting, flattened (fourdfy.rundir.flat_config)
+    swept: dict[str, Any] = field(default_factory=dict)  # the settings that differ from preset + variant
+
+    @property
+    def configuration(self) -> tuple[str, str, str]:
+        """(preset, variant, tag): the table row this run belongs to."""
+        return self.preset, self.variant, self.tag
 
 
 @dataclass
@@ -127,11 +147,26 @@ def discover(root: Path) -> tuple[list[Path], list[Path]]:
     return sorted(runs), sorted(sweeps)
 
 
-def expected_jobs(multirun_yaml: Path) -> list[tuple[str, str, int]] | None:
-    """(variant, prompt, seed) of every job a sweep was launched with, from its multirun.yaml.
+def _describe(record: RunRecord, cfg: RunConfig) -> RunIdentity:
+    """Fill ``record``'s configuration from ``cfg``; returns its identity. Raises ValueError or HydraException
+    when none can be computed (a preset or variant the config tree no longer has)."""
+    who = identity_of(cfg)
+    record.preset, record.tag = who.preset, who.tag
+    record.settings = flat_config(cfg)
+    record.swept = tag_items(cfg, _base(cfg))
+    return who
+
+
+def _base(cfg: RunConfig) -> RunConfig:
+    return base_config(cfg.preset.name, cfg.variant.name)
+
+
+def expected_jobs(multirun_yaml: Path) -> list[RunRecord] | None:
+    """A ``missing`` record for every job a sweep was launched with, its configuration filled in.
 
     The job list is rebuilt as Hydra's basic sweeper built it: sweeper params plus the command line's
-    overrides, expanded to their cartesian product. Returns None for another sweeper (no way to know).
+    overrides, expanded to their cartesian product; each job is composed to find its directory. Returns None
+    for another sweeper, or when the config tree no longer composes the sweep's jobs (no way to know).
     """
     cfg = OmegaConf.load(multirun_yaml)
     target = str(OmegaConf.select(cfg, "hydra.sweeper._target_", default=""))
@@ -145,18 +180,19 @@ def expected_jobs(multirun_yaml: Path) -> list[tuple[str, str, int]] | None:
     params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
     arguments = [f"{k}={v}" for k, v in params.items()] + list(OmegaConf.select(cfg, "hydra.overrides.task") or [])
     parser = OverridesParser.create()
-    jobs = BasicSweeper.split_arguments(parser.parse_overrides(arguments), None)[0]
-    defaults = {"variant": OmegaConf.select(cfg, "variant.name"), "prompt": OmegaConf.select(cfg, "prompt"),
-                "seed": OmegaConf.select(cfg, "seed")}
-    keys = {"variant": "variant", "variant.name": "variant", "prompt": "prompt", "seed": "seed"}
     out = []
-    for job in jobs:
-        values = dict(defaults)
-        for item in parser.parse_overrides(job):
-            name = keys.get(item.key_or_group)
-            if name is not None:
-                values[name] = item.value()
-        out.append((str(values["variant"]), str(values["prompt"]), int(values["seed"])))
+    for job in BasicSweeper.split_arguments(parser.parse_overrides(arguments), None)[0]:
+        try:
+            job_cfg = compose_run_config(list(job))
+            record = RunRecord(job_cfg.variant.name, job_cfg.prompt, job_cfg.seed, MISSING, None,
+                               "no run directory: the job never started (cancelled, or still queued)",
+                               str(job_cfg.guidance.backend))
+            _describe(record, job_cfg)
+        except (ValueError, HydraException) as err:
+            print(f"warning: {multirun_yaml}: job {' '.join(job)} does not compose with this config tree ({err}); "
+                  "missing jobs cannot be listed", file=sys.stderr)
+            return None
+        out.append(record)
     return out
 
 
@@ -180,22 +216,45 @@ def load_config_checked(run_dir: Path) -> RunConfig:
         raise _schema_error(path, err) from err
 
 
-def read_identity(run_dir: Path) -> tuple[str, str, int, str, RunConfig | None]:
-    """(variant, prompt, seed, guidance backend, config or None) of a run directory.
-
-    Raises ValueError naming the file when it does not follow the run schema.
+def read_config(run_dir: Path) -> tuple[RunConfig, bool]:
+    """(the run's config, whether it is its config.yaml): config.yaml, else Hydra's ``.hydra/config.yaml`` (the
+    job started but wrote no config.yaml yet). Raises ValueError naming the file when it does not fit the schema.
     """
     if (run_dir / "config.yaml").is_file():
-        cfg = load_config_checked(run_dir)
-        return cfg.variant.name, cfg.prompt, cfg.seed, cfg.guidance.backend, cfg
-    # The job started but wrote no config.yaml yet: Hydra's copy of the composed config says who it is.
-    raw = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    values = [OmegaConf.select(raw, k, default=None) for k in ("variant.name", "prompt", "seed", "guidance.backend")]
-    if any(v is None for v in values):
-        raise _schema_error(run_dir / ".hydra" / "config.yaml",
-                            ValueError("it lacks variant.name, prompt, seed or guidance.backend"))
-    variant, prompt, seed, backend = values
-    return str(variant), str(prompt), int(seed), str(backend), None
+        return load_config_checked(run_dir), True
+    path = run_dir / ".hydra" / "config.yaml"
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(_run_schema(), OmegaConf.load(path))), False
+    except OmegaConfBaseException as err:
+        raise _schema_error(path, err) from err
+
+
+def _disagreement(run_dir: Path, who: RunIdentity, cfg: RunConfig, stored: bool) -> str:
+    """Why a run's stored config disagrees with its directory, or "" when they agree."""
+    if Path(run_dir).parts[-5:] != who.path.parts:
+        return (f"its config belongs in <root>/{who.path}, not in {run_dir} (moved, or launched with an explicit "
+                "hydra.run.dir): move it there to merge it")
+    stamp = run_dir / FINGERPRINT_FILE
+    if stored and stamp.is_file():
+        old = json.loads(stamp.read_text()).get("fingerprint")
+        if old != config_fingerprint(cfg):
+            return f"its {FINGERPRINT_FILE} ({old}) is not its config.yaml's ({config_fingerprint(cfg)}): edited?"
+    return ""
+
+
+def read_run(run_dir: Path, root: Path) -> RunRecord:
+    """A found run directory's record: configuration, status (or MISMATCHED with the reason)."""
+    cfg, stored = read_config(run_dir)
+    status, reason = run_status(run_dir, root)
+    record = RunRecord(cfg.variant.name, cfg.prompt, cfg.seed, status, run_dir, reason, str(cfg.guidance.backend),
+                       config=cfg if stored else None)
+    try:
+        problem = _disagreement(run_dir, _describe(record, cfg), cfg, stored)
+    except (ValueError, HydraException) as err:
+        problem = f"its directory cannot be computed from its config ({err})"
+    if problem:
+        record.status, record.reason = MISMATCHED, problem
+    return record
 
 
 def _submitit_error(run_dir: Path, root: Path) -> str | None:
@@ -245,23 +304,20 @@ def find_runs(root: Path) -> list[RunRecord]:
     if not root.is_dir():
         raise FileNotFoundError(f"sweep directory {root} does not exist")
     run_dirs, sweeps = discover(root)
-    records = []
-    for run_dir in run_dirs:
-        variant, prompt, seed, backend, cfg = read_identity(run_dir)
-        status, reason = run_status(run_dir, root)
-        records.append(RunRecord(variant, prompt, seed, status, run_dir, reason, backend, config=cfg))
-    expected: list[tuple[str, str, int]] = []
+    records = [read_run(run_dir, root) for run_dir in run_dirs]
+    expected: list[RunRecord] = []
     for sweep in sweeps:
         expected += expected_jobs(sweep) or []
     if not records:
         detail = (f"its multirun.yaml lists {len(expected)} job(s) but none has started (still queued?)"
                   if expected else "no run directory (.hydra/ or config.yaml + fingerprint.json) and no multirun.yaml")
         raise ValueError(f"{root} is an empty sweep: {detail}")
-    found = {(r.variant, r.prompt, r.seed) for r in records}
-    for key in dict.fromkeys(expected):  # ordered, without duplicates
+    found = {Path(r.path).parts[-5:] for r in records if r.path is not None}
+    for job in expected:
+        key = RunIdentity(job.preset, job.variant, slug(job.prompt), job.tag, job.seed).path.parts
         if key not in found:
-            records.append(RunRecord(*key, status=MISSING, path=None,
-                                     reason="no run directory: the job never started (cancelled, or still queued)"))
+            found.add(key)  # a sweep launched twice lists its jobs twice
+            records.append(job)
     return records
 
 
@@ -354,40 +410,99 @@ def _mean(values: list[float]) -> float:
     return sum(finite) / len(finite) if finite else float("nan")
 
 
+def _std(values: list[float]) -> float:
+    """Sample standard deviation (n - 1); NaN for fewer than two values."""
+    finite = [v for v in values if not math.isnan(v)]
+    return statistics.stdev(finite) if len(finite) > 1 else float("nan")
+
+
+def swept_keys(records: list[RunRecord]) -> list[str]:
+    """Settings some merged run sets away from its preset + variant: the table's configuration columns."""
+    return sorted({key for r in records if r.status != MISMATCHED for key in r.swept})
+
+
+def _cell(value: Any) -> Any:
+    """A setting as a table cell: lists as ``[a, b]`` text (CSV cells hold one value)."""
+    return str(list(value)) if isinstance(value, (list, tuple)) else value
+
+
+def _configurations(records: list[RunRecord], studied: set[str]) -> list[tuple[str, str, str]]:
+    """(preset, variant, tag) of every row, in Table 2's order: baselines only the user study knows first (as
+    MAV3D heads the paper's table), then Table-2 variants, then other variants; within a variant, by preset,
+    then `default` and the other tags sorted. A variant without runs gets a row with preset ""."""
+    configs = {r.configuration for r in records if r.status != MISMATCHED}
+    variants = {v for _, v, _ in configs}
+    table2 = [row.variant for row in ROWS if row.variant in variants | studied]
+    others = sorted(variants - set(table2))
+    out = [("", v, DEFAULT_TAG) for v in sorted(studied - set(table2) - variants)]
+    for variant in table2 + others:
+        mine = sorted((c for c in configs if c[1] == variant), key=lambda c: (c[0], c[2] != DEFAULT_TAG, c[2]))
+        out += mine or [("", variant, DEFAULT_TAG)]
+    return out
+
+
+def _stats_columns(runs: list[RunRecord], metric_keys: list[str]) -> dict[str, Any]:
+    """Counts per status, then mean, standard deviation and count of each metric over ``runs``."""
+    out: dict[str, Any] = {"expected": len(runs), **{s: sum(r.status == s for r in runs) for s in STATUSES}}
+    for key in metric_keys:
+        values = [r.metrics[key] for r in runs if key in r.metrics]
+        out[key], out[f"{key}_std"], out[f"{key}_n"] = _mean(values), _std(values), len(values)
+    return out
+
+
+def _identity_columns(config: tuple[str, str, str], runs: list[RunRecord], keys: list[str]) -> dict[str, Any]:
+    preset, variant, tag = config
+    row_def = row_of(variant)
+    settings = runs[0].settings if runs else {}
+    return {"preset": preset, "variant": variant, "tag": tag, "label": row_def.label if row_def else variant,
+            **{key: _cell(settings.get(key)) for key in keys}}
+
+
 def build_table(records: list[RunRecord], shares: pd.DataFrame | None, method: str) -> pd.DataFrame:
-    """One row per variant (Table 2's order, then other variants, user-study-only baselines first)."""
+    """One row per configuration (preset, variant, tag), pooled over its prompts and seeds; mismatched runs are
+    left out. Columns: the configuration, the swept settings, counts per status, metric mean/_std/_n, and the
+    user-study shares of the row's variant."""
     studied = set() if shares is None else {str(b) for b in shares.index}
-    present = {rec.variant for rec in records} | studied
-    table2 = [r.variant for r in ROWS if r.variant in present]
-    others = sorted({rec.variant for rec in records} - set(table2))
-    # Baselines only the user study knows (e.g. MAV3D) go first, as MAV3D heads the paper's Table 2.
-    baselines_only = sorted(studied - set(table2) - set(others) - {method})
+    keys = swept_keys(records)
     metric_keys = [m.key for m in METRICS if any(m.key in rec.metrics for rec in records)]
     rows = []
-    for variant in baselines_only + table2 + others:
-        mine = [rec for rec in records if rec.variant == variant]
-        row_def = row_of(variant)
-        row: dict[str, Any] = {
-            "variant": variant,
-            "label": row_def.label if row_def else variant,
-            "paper_clip": row_def.paper_clip if row_def else float("nan"),
-            "expected": len(mine),
-            **{status: sum(rec.status == status for rec in mine) for status in STATUSES},
-        }
-        for key in metric_keys:
-            values = [rec.metrics[key] for rec in mine if key in rec.metrics]
-            row[key] = _mean(values)
-            row[f"{key}_n"] = len(values)
+    for config in _configurations(records, studied - {method}):
+        mine = [r for r in records if r.configuration == config and r.status != MISMATCHED]
+        row_def = row_of(config[1])
+        row = {**_identity_columns(config, mine, keys),
+               "paper_clip": row_def.paper_clip if row_def else float("nan"), **_stats_columns(mine, metric_keys)}
         for criterion in CRITERIA:
-            have = shares is not None and variant in shares.index and criterion in shares.columns
-            row[criterion] = float(shares.loc[variant, criterion]) if have else float("nan")
-            row[f"{criterion}_p"] = float(shares.loc[variant, f"{criterion}_p"]) if have else float("nan")
+            have = shares is not None and config[1] in shares.index and criterion in shares.columns
+            row[criterion] = float(shares.loc[config[1], criterion]) if have else float("nan")
+            row[f"{criterion}_p"] = float(shares.loc[config[1], f"{criterion}_p"]) if have else float("nan")
         rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def build_prompt_table(records: list[RunRecord]) -> pd.DataFrame:
+    """One row per (configuration, prompt): metric mean/_std/_n over that prompt's seeds."""
+    keys = swept_keys(records)
+    metric_keys = [m.key for m in METRICS if any(m.key in rec.metrics for rec in records)]
+    rows = []
+    for config in _configurations(records, set()):
+        mine = [r for r in records if r.configuration == config and r.status != MISMATCHED]
+        for prompt in sorted({r.prompt for r in mine}):
+            runs = [r for r in mine if r.prompt == prompt]
+            rows.append({**_identity_columns(config, runs, keys), "prompt": prompt,
+                         **_stats_columns(runs, metric_keys)})
     return pd.DataFrame(rows)
 
 
 def _fmt(value: float, digits: int, suffix: str = "") -> str:
     return "—" if value is None or math.isnan(value) else f"{value:.{digits}f}{suffix}"
+
+
+def _fmt_stat(row: pd.Series, metric: Metric) -> str:
+    """``mean ± sd`` (``mean`` alone for one run, ``—`` for none)."""
+    mean, std = row[metric.key], row.get(f"{metric.key}_std", float("nan"))
+    if mean is None or math.isnan(mean):
+        return "—"
+    return _fmt(mean, metric.digits) + ("" if std is None or math.isnan(std) else f" ± {std:.{metric.digits}f}")
 
 
 def _runs_cell(row: pd.Series) -> str:
@@ -401,23 +516,68 @@ def _metric_columns(table: pd.DataFrame) -> list[Metric]:
     return [m for m in METRICS if m.key in table.columns]
 
 
-def to_markdown(table: pd.DataFrame, records: list[RunRecord], method: str) -> str:
-    """Table 2 as Markdown, followed by every run that is not finished."""
+def short_names(keys: list[str]) -> dict[str, str]:
+    """Each dotted key's shortest trailing part that no other key ends with (``loss_weight``)."""
+    out = {}
+    for key in keys:
+        parts = key.split(".")
+        for n in range(1, len(parts) + 1):
+            name = ".".join(parts[-n:])
+            if not any(other != key and (other == name or other.endswith("." + name)) for other in keys):
+                break
+        out[key] = name
+    return out
+
+
+def _config_header(table: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """(column names, headers) that tell the rows' configurations apart, besides the method."""
+    columns, headers = [], []
+    if "preset" in table and table["preset"].nunique() > 1:
+        columns, headers = ["preset"], ["Preset"]
+    if "tag" in table and (table["tag"] != DEFAULT_TAG).any():
+        columns, headers = [*columns, "tag"], [*headers, "Config"]
+    reserved = {"preset", "variant", "tag", "label", "prompt", "paper_clip", "expected", *STATUSES, *CRITERIA}
+    keys = [c for c in table.columns if "." in c and c not in reserved]
+    names = short_names(keys)
+    return columns + keys, headers + [f"`{names[k]}`" for k in keys]
+
+
+def _markdown_rows(table: pd.DataFrame, extra: list[str], study: bool) -> list[str]:
     metrics = _metric_columns(table)
-    header = ["Method"] + [m.label + (" ↑" if m.higher_is_better else " ↓") for m in metrics]
-    header += (["CLIP (paper)"] if any(m.key == "clip" for m in metrics) else []) + list(CRITERIA) + ["Runs"]
+    config_columns, config_headers = _config_header(table)
+    header = ["Method", *config_headers, *extra] + [m.label + (" ↑" if m.higher_is_better else " ↓") for m in metrics]
+    clip_paper = study and any(m.key == "clip" for m in metrics)
+    header += (["CLIP (paper)"] if clip_paper else []) + (list(CRITERIA) if study else []) + ["Runs"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in table.iterrows():
-        cells = [str(row["label"])] + [_fmt(row[m.key], m.digits) for m in metrics]
-        if any(m.key == "clip" for m in metrics):
+        cells = [str(row["label"])] + [str(row[c]) for c in config_columns] + [str(row[c]) for c in extra]
+        cells += [_fmt_stat(row, m) for m in metrics]
+        if clip_paper:
             cells.append(_fmt(row["paper_clip"], 1))
-        cells += [_fmt(row[c], 0, "%") for c in CRITERIA] + [_runs_cell(row)]
+        cells += ([_fmt(row[c], 0, "%") for c in CRITERIA] if study else []) + [_runs_cell(row)]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Human preference: % of votes for `{method}` against the row's method (— : no answers)."]
-    pending = [r for r in records if r.status != FINISHED]
+    return lines
+
+
+def to_markdown(table: pd.DataFrame, records: list[RunRecord], method: str,
+                by_prompt: pd.DataFrame | None = None) -> str:
+    """The table as Markdown (mean ± sd over each row's runs), then per prompt, then every run not merged or
+    not finished."""
+    lines = _markdown_rows(table, [], study=True)
+    lines += ["", f"Metrics: mean ± standard deviation over the row's finished runs (every prompt and seed); "
+              f"Runs: finished/expected. Human preference: % of votes for `{method}` against the row's method "
+              "(— : no answers)."]
+    if by_prompt is not None and len(by_prompt) and by_prompt["prompt"].nunique() > 1:
+        lines += ["", "Per prompt (mean ± standard deviation over seeds):", ""]
+        lines += _markdown_rows(by_prompt, ["prompt"], study=False)
+    mismatched = [r for r in records if r.status == MISMATCHED]
+    if mismatched:
+        lines += ["", "Runs not merged (stored config and directory disagree):", ""]
+        lines += [f"- {r.path}: **{MISMATCHED}** — {r.reason}" for r in mismatched]
+    pending = [r for r in records if r.status not in (FINISHED, MISMATCHED)]
     if pending:
         lines += ["", "Runs not finished:", ""]
-        lines += [f"- {r.variant} / {r.prompt!r} / seed {r.seed}: **{r.status}** — {r.reason}"
+        lines += [f"- {r.variant} / {r.tag} / {r.prompt!r} / seed {r.seed}: **{r.status}** — {r.reason}"
                   + (f" ({r.path})" if r.path else "") for r in pending]
     return "\n".join(lines) + "\n"
 
@@ -426,8 +586,12 @@ def _latex_escape(text: str) -> str:
     return text.replace("\\", r"\textbackslash{}").replace("&", r"\&").replace("%", r"\%").replace("_", r"\_")
 
 
+def _latex_stat(row: pd.Series, metric: Metric) -> str:
+    return _fmt_stat(row, metric).replace("—", "--").replace(" ± ", r" $\pm$ ")
+
+
 def to_latex(table: pd.DataFrame) -> str:
-    """Table 2 as a LaTeX tabular (booktabs), laid out as the paper's: metrics, then human preference."""
+    """The table as a LaTeX tabular (booktabs), laid out as the paper's: metrics, then human preference."""
     metrics = _metric_columns(table)
     n_cols = 1 + len(metrics) + len(CRITERIA)
     lines = [r"\begin{tabular}{l" + "c" * (n_cols - 1) + "}", r"\toprule"]
@@ -442,15 +606,21 @@ def to_latex(table: pd.DataFrame) -> str:
             lines.append(heading)
             heading = ""
         name = row_def.latex if row_def else _latex_escape(str(row["label"]))
-        cells = [_fmt(row[m.key], m.digits).replace("—", "--") for m in metrics]
+        if row["tag"] != DEFAULT_TAG:
+            name += r" \texttt{" + _latex_escape(str(row["tag"])) + "}"
+        cells = [_latex_stat(row, m) for m in metrics]
         cells += [_fmt(row[c], 0, r"\%").replace("—", "--") for c in CRITERIA]
         lines.append(" & ".join([name, *cells]) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
 
 
+def _row_label(row: pd.Series) -> str:
+    return str(row["label"]) + ("" if row["tag"] == DEFAULT_TAG else f"\n{row['tag']}")
+
+
 def plot(table: pd.DataFrame, records: list[RunRecord], path: Path) -> Path:
-    """Bar plot: one panel per metric, one bar per variant (mean over prompts, whiskers: min-max)."""
+    """Bar plot: one panel per metric, one bar per row (mean over its runs, whiskers: min-max)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -459,7 +629,7 @@ def plot(table: pd.DataFrame, records: list[RunRecord], path: Path) -> Path:
     metrics = _metric_columns(table)
     panels = metrics or [None]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 1, 3.6), squeeze=False)
-    labels = [str(x) for x in table["label"]]
+    labels = [_row_label(row) for _, row in table.iterrows()]
     for ax, metric in zip(axes[0], panels, strict=True):
         if metric is None:
             ax.text(0.5, 0.5, "no finished run has metrics", ha="center", va="center")
@@ -467,9 +637,12 @@ def plot(table: pd.DataFrame, records: list[RunRecord], path: Path) -> Path:
             continue
         means = [float(v) for v in table[metric.key]]
         spans = []
-        for variant, mean in zip(table["variant"], means, strict=True):
-            values = [r.metrics[metric.key] for r in records if r.variant == variant and metric.key in r.metrics]
-            spans.append((mean - min(values), max(values) - mean) if values else (0.0, 0.0))
+        for (_, row), mean in zip(table.iterrows(), means, strict=True):
+            config = (row["preset"], row["variant"], row["tag"])
+            values = [r.metrics[metric.key] for r in records
+                      if r.configuration == config and r.status != MISMATCHED and metric.key in r.metrics]
+            # Clamped: the mean of equal values can exceed them by a rounding error.
+            spans.append((max(mean - min(values), 0.0), max(max(values) - mean, 0.0)) if values else (0.0, 0.0))
         x = range(len(labels))
         ax.bar(x, [0.0 if math.isnan(m) else m for m in means], color="tab:blue",
                yerr=list(zip(*spans, strict=True)), capsize=3)
@@ -490,10 +663,12 @@ def plot(table: pd.DataFrame, records: list[RunRecord], path: Path) -> Path:
 
 
 def runs_frame(records: list[RunRecord]) -> pd.DataFrame:
-    """One line per run: identity, status, reason, path, metrics."""
+    """One line per run: configuration, swept settings, status, reason, path, metrics."""
     keys = [m.key for m in METRICS if any(m.key in r.metrics for r in records)]
-    return pd.DataFrame([{"variant": r.variant, "prompt": r.prompt, "seed": r.seed, "status": r.status,
-                          "reason": r.reason, "path": "" if r.path is None else str(r.path),
+    swept = swept_keys(records)
+    return pd.DataFrame([{"preset": r.preset, "variant": r.variant, "tag": r.tag, "prompt": r.prompt, "seed": r.seed,
+                          **{k: _cell(r.settings.get(k)) for k in swept},
+                          "status": r.status, "reason": r.reason, "path": "" if r.path is None else str(r.path),
                           **{k: r.metrics.get(k, float("nan")) for k in keys}} for r in records])
 
 
@@ -501,13 +676,14 @@ def runs_frame(records: list[RunRecord]) -> pd.DataFrame:
 class CollectResult:
     """What collect produced."""
 
-    table: pd.DataFrame  # one row per variant (table2.csv)
+    table: pd.DataFrame  # one row per configuration, pooled over prompts and seeds (table2.csv)
+    by_prompt: pd.DataFrame  # one row per configuration and prompt (table2_by_prompt.csv)
     records: list[RunRecord]  # every run, every status (runs.csv)
-    files: dict[str, Path]  # "csv", "md", "tex", "png", "runs" -> written file
+    files: dict[str, Path]  # "csv", "by_prompt", "md", "tex", "png", "runs" -> written file
 
 
 def collect(root: Path, options: CollectOptions | None = None) -> CollectResult:
-    """Scan ``root``, compute (or reuse) metrics, merge the user study and write the Table-2 files."""
+    """Scan ``root``, compute (or reuse) metrics, merge the user study and write the table files."""
     options = options or CollectOptions()
     root = Path(root)
     if options.userstudy is not None and not Path(options.userstudy).is_file():
@@ -522,16 +698,18 @@ def collect(root: Path, options: CollectOptions | None = None) -> CollectResult:
         answers = root / USERSTUDY_DEFAULT
     shares = userstudy_shares(Path(answers), options.method) if answers is not None else None
     table = build_table(records, shares, options.method)
+    by_prompt = build_prompt_table(records)
     out = Path(options.out_dir or root)
     out.mkdir(parents=True, exist_ok=True)
-    files = {"csv": out / "table2.csv", "md": out / "table2.md", "tex": out / "table2.tex",
-             "png": out / "table2.png", "runs": out / "runs.csv"}
+    files = {"csv": out / "table2.csv", "by_prompt": out / "table2_by_prompt.csv", "md": out / "table2.md",
+             "tex": out / "table2.tex", "png": out / "table2.png", "runs": out / "runs.csv"}
     write_text_atomic(files["csv"], table.to_csv(index=False))
+    write_text_atomic(files["by_prompt"], by_prompt.to_csv(index=False))
     write_text_atomic(files["runs"], runs_frame(records).to_csv(index=False))
-    write_text_atomic(files["md"], to_markdown(table, records, options.method))
+    write_text_atomic(files["md"], to_markdown(table, records, options.method, by_prompt))
     write_text_atomic(files["tex"], to_latex(table))
     plot(table, records, files["png"])
-    return CollectResult(table, records, files)
+    return CollectResult(table, by_prompt, records, files)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -559,7 +737,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(result.files["md"].read_text(), end="")
-    counts = {s: sum(r.status == s for r in result.records) for s in STATUSES}
+    counts = {s: sum(r.status == s for r in result.records) for s in (*STATUSES, MISMATCHED)}
     print(f"\n{len(result.records)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
     print("wrote " + ", ".join(str(p) for p in result.files.values()))
     return 0

@@ -7,7 +7,8 @@ runs (or with --dry-run prints) the paper's ablation sweep
     python run.py -m variant=full,no_image_guidance,no_3d,no_vsd,no_hybrid,hexplane prompts=ablation5 \\
         [hydra/launcher=slurm] [OVERRIDE ...]
 
-and ``python -m ablations.collect <sweep dir>`` turns its output into the table.
+and ``python -m ablations.collect outputs/<preset>/`` turns its runs into the table (one row per variant;
+launched again, the sweep resumes or skips each job: fourdfy/identity.py).
 """
 
 from __future__ import annotations

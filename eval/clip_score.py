@@ -335,49 +335,70 @@ class CLIPScorer:
             MAV3D's `a_crocodile_playing_a_drum_set_depth_rgb.mp4`).
         Returns the score per prompt and their mean (the paper's number for a method).
         """
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"folder {str(folder)!r} is not a directory")
-        videos = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
-        if not videos:
-            raise ValueError(f"folder {str(folder)!r} holds no videos ({', '.join(VIDEO_SUFFIXES)})")
-        overrides = dict(prompts or {})
-        unused = set(overrides) - {p.stem for p in videos}
-        if unused:
-            raise ValueError(f"prompts names file stems with no video in {str(folder)!r}: {sorted(unused)}")
-        per_prompt: dict[str, float] = {}
-        for video in videos:
-            prompt = overrides.get(video.stem) or prompt_from_filename(video)
-            if prompt in per_prompt:
-                raise ValueError(f"two videos in {str(folder)!r} map to the prompt {prompt!r}; keep one")
-            per_prompt[prompt] = self.score_video(video, prompt)
-        return FolderScore(per_prompt, math.fsum(per_prompt.values()) / len(per_prompt))
+        return self.score_videos(folder_videos(folder, prompts))
 
     def score_run(self, run_dir: str | Path) -> float:
         """CLIP score of a run: `run_dir/renders/orbit.mp4` against the `prompt` of `run_dir/config.yaml`."""
-        prompt = read_run_prompt(run_dir)
-        video = Path(run_dir) / RUN_VIDEO
-        if not video.is_file():
-            raise FileNotFoundError(f"{str(video)!r} does not exist; render the run's orbit video first")
+        prompt, video = run_video(run_dir)
         return self.score_video(video, prompt)
+
+    def score_videos(self, videos: Sequence[tuple[str, Path]]) -> FolderScore:
+        """Score (prompt, video file) pairs (see :func:`videos_to_score`): per prompt, and their mean."""
+        per_prompt = {prompt: self.score_video(video, prompt) for prompt, video in videos}
+        return FolderScore(per_prompt, math.fsum(per_prompt.values()) / len(per_prompt))
+
+
+def run_video(run_dir: str | Path) -> tuple[str, Path]:
+    """(prompt, orbit video) of a run directory: config.yaml's `prompt` and renders/orbit.mp4, both checked."""
+    prompt = read_run_prompt(run_dir)
+    video = Path(run_dir) / RUN_VIDEO
+    if not video.is_file():
+        raise FileNotFoundError(f"{str(video)!r} does not exist; render the run's orbit video first")
+    return prompt, video
+
+
+def folder_videos(folder: str | Path, prompts: Mapping[str, str] | None = None) -> list[tuple[str, Path]]:
+    """(prompt, video) for every video in `folder`, the prompt spelt by its file name (or `prompts`, file stem
+    -> prompt); a folder without videos, an unused override or two videos of one prompt are ValueErrors."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"folder {str(folder)!r} is not a directory")
+    videos = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+    if not videos:
+        raise ValueError(f"folder {str(folder)!r} holds no videos ({', '.join(VIDEO_SUFFIXES)})")
+    overrides = dict(prompts or {})
+    unused = set(overrides) - {p.stem for p in videos}
+    if unused:
+        raise ValueError(f"prompts names file stems with no video in {str(folder)!r}: {sorted(unused)}")
+    pairs: dict[str, Path] = {}
+    for video in videos:
+        prompt = overrides.get(video.stem) or prompt_from_filename(video)
+        if prompt in pairs:
+            raise ValueError(f"two videos in {str(folder)!r} map to the prompt {prompt!r}; keep one")
+        pairs[prompt] = video
+    return list(pairs.items())
+
+
+def videos_to_score(path: str | Path, prompt: str | None = None) -> list[tuple[str, Path]]:
+    """The (prompt, video) pairs :func:`score_path` scores for `path` (run directory, video file or folder of
+    videos), found and checked without CLIP: a wrong path fails in a moment, before the model loads."""
+    path = Path(path)
+    if path.is_dir() and (path / RUN_CONFIG).is_file():
+        if prompt is not None:
+            raise ValueError("--prompt applies to a single video; a run's prompt comes from its config.yaml")
+        return [run_video(path)]
+    if path.is_file():
+        return [(prompt or prompt_from_filename(path), path)]
+    if path.is_dir():
+        if prompt is not None:
+            raise ValueError("--prompt applies to a single video; a folder's prompts come from file names")
+        return folder_videos(path)
+    raise FileNotFoundError(f"{str(path)!r} does not exist; pass a run directory, a video or a video folder")
 
 
 def score_path(scorer: CLIPScorer, path: str | Path, prompt: str | None = None) -> FolderScore:
     """Score a run directory, a video file or a folder of videos; one entry per prompt and the mean."""
-    path = Path(path)
-    if path.is_dir() and (path / RUN_CONFIG).is_file():
-        run_prompt = read_run_prompt(path)
-        value = scorer.score_run(path)
-        return FolderScore({run_prompt: value}, value)
-    if path.is_file():
-        video_prompt = prompt or prompt_from_filename(path)
-        value = scorer.score_video(path, video_prompt)
-        return FolderScore({video_prompt: value}, value)
-    if path.is_dir():
-        if prompt is not None:
-            raise ValueError("--prompt applies to a single video; a folder's prompts come from file names")
-        return scorer.score_folder(path)
-    raise FileNotFoundError(f"{str(path)!r} does not exist; pass a run directory, a video or a video folder")
+    return scorer.score_videos(videos_to_score(path, prompt))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -398,15 +419,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     pretrained = None if args.pretrained.lower() == "none" else args.pretrained
-    if pretrained is None:
-        print("warning: --pretrained none uses random weights; the score is meaningless", file=sys.stderr)
     try:
+        # The inputs first: a mistyped path is reported at once, not after seconds of loading CLIP (and not
+        # hidden behind a missing-weights error when offline).
+        videos = videos_to_score(args.path, args.prompt)
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if pretrained is None:
+            print("warning: --pretrained none uses random weights; the score is meaningless", file=sys.stderr)
         scorer = CLIPScorer(
             model_name=args.model, pretrained=pretrained, device=args.device, batch_size=args.batch_size
         )
-        result = score_path(scorer, args.path, args.prompt)
+        result = scorer.score_videos(videos)
     except (ValueError, TypeError, FileNotFoundError, CLIPWeightsError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)  # one line, no traceback: the message names the fix
         return 2
     if args.json:
         payload = {"path": str(args.path), "per_prompt": result.per_prompt, "mean": result.mean}

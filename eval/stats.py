@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from scipy.stats import chi2, norm
+from scipy.stats import binomtest, chi2
 
 # Two cells (prefer A / prefer B) with fixed N: one degree of freedom (authors' app, `df = 1`).
 _DF = 1
@@ -68,16 +68,9 @@ def wilson_interval(votes_for: int, total: int, confidence: float = 0.95) -> tup
     votes_for, total = _check_votes(votes_for, total)
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
-    z = float(norm.ppf(0.5 + confidence / 2.0))
-    n = float(total)
-    p_hat = votes_for / n
-    denom = 1.0 + z * z / n
-    centre = (p_hat + z * z / (2.0 * n)) / denom
-    half = z / denom * math.sqrt(p_hat * (1.0 - p_hat) / n + z * z / (4.0 * n * n))
-    # At O = 0 (O = N) the exact lower (upper) bound is 0 (1); centre ∓ half only reaches it up to round-off.
-    low = 0.0 if votes_for == 0 else centre - half
-    high = 1.0 if votes_for == total else centre + half
-    return low, high
+    # scipy's Wilson interval (without continuity correction); it returns exactly 0 at O = 0 and 1 at O = N.
+    ci = binomtest(votes_for, total).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(ci.low), float(ci.high)
 
 
 def preference_test(votes_for: int, total: int, alpha: float = 0.05) -> PreferenceResult:
@@ -240,6 +233,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.paper and args.votes is None:
         parser.error("give --paper or --votes FOR TOTAL")
+
+    def usage_error(message: str) -> int:  # one line and argparse's exit status, without the usage text
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        return 2
+
+    if args.votes is not None:
+        votes_for, total = args.votes
+        if total <= 0:
+            return usage_error(f"--votes FOR TOTAL: TOTAL counts every vote cast and must be > 0, got {total}")
+        if not 0 <= votes_for <= total:
+            return usage_error(f"--votes FOR TOTAL: FOR must lie in [0, TOTAL={total}], got {votes_for} (FOR: "
+                               "votes for the method, TOTAL: all votes cast)")
+    if not 0.0 < args.alpha < 1.0:
+        return usage_error(f"--alpha must lie in (0, 1) (the paper: 0.05), got {args.alpha}")
     out: dict[str, object] = {}
     if args.votes is not None:
         res = preference_test(args.votes[0], args.votes[1], alpha=args.alpha)

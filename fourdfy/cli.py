@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
+from fourdfy.errors import MissingExtraError
 from fourdfy.export.mesh import MESH_FORMATS, EmptyMeshError
-from fourdfy.export.video import OutputFolderError, ensure_writable_dir
+from fourdfy.export.video import OutputFolderError, check_writable_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class CommandError(Exception):
-    """A problem with the user's input, reported as one line without a traceback."""
+    """The command line asks for something this run cannot give (no such run, no checkpoint, no CUDA): one
+    line without a traceback, exit status 2."""
 
 
 def _device(requested: str) -> torch.device:
@@ -61,63 +63,84 @@ def _device(requested: str) -> torch.device:
 
 
 def export(args: argparse.Namespace) -> list[Path]:
-    """Carry out ``fourdfy export``; returns the files written."""
+    """Carry out ``fourdfy export``; returns the files written.
+
+    Everything that can refuse the export is checked before any file or folder is created, so that a
+    mistyped RUN_DIR or option leaves nothing behind (not even an empty renders/).
+    """
     from fourdfy.build import load_run
     from fourdfy.config import load_run_config
     from fourdfy.export.curves import LOG_FILE, write_curves
-    from fourdfy.export.outputs import eval_renderer, export_grid, export_meshes, export_videos
+    from fourdfy.export.outputs import check_mesh_export, eval_renderer, export_grid, export_meshes, export_videos
 
     run_dir: Path = args.run_dir
     if not run_dir.is_dir():
         raise CommandError(f"run directory {run_dir} does not exist")
-    wanted = {k: getattr(args, k) for k in ("video", "grid", "mesh", "glb", "curves")}
-    if not any(wanted.values()):
+    try:
+        run_cfg = load_run_config(run_dir)
+    except FileNotFoundError as err:  # no config.yaml: names the file and says it is not a run directory
+        raise CommandError(str(err)) from err
+    flags = ("video", "grid", "mesh", "glb", "curves")
+    wanted = {k: getattr(args, k) for k in flags}
+    everything = not any(wanted.values())
+    if everything:
         wanted = dict.fromkeys(wanted, True)
-    out = ensure_writable_dir(args.out if args.out is not None else run_dir / "renders")
-    written: list[Path] = []
+    if wanted["curves"] and not (run_dir / LOG_FILE).exists():
+        raise CommandError(f"{run_dir / LOG_FILE} does not exist: no training log to plot")
+    ev = run_cfg.eval
+    for name, value in (("mesh_threshold", args.threshold), ("mesh_resolution", args.resolution),
+                        ("mesh_frames", args.mesh_frames), ("mesh_fps", args.mesh_fps),
+                        ("mesh_formats", args.formats)):
+        if value is not None:
+            setattr(ev, name, value)
+    if wanted["mesh"] or wanted["glb"]:
+        asked_by = ("fourdfy export (all outputs; pick others with --video/--grid/--curves)" if everything
+                    else "fourdfy export " + " ".join(f"--{k}" for k in ("mesh", "glb") if wanted[k]))
+        check_mesh_export(run_cfg, sequence=wanted["mesh"], glb=wanted["glb"], asked_by=asked_by)
     needs_field = wanted["video"] or wanted["grid"] or wanted["mesh"] or wanted["glb"]
+    device = _device(args.device or run_cfg.device) if needs_field else None
+    out = args.out if args.out is not None else run_dir / "renders"
+    check_writable_dir(out)  # creates nothing; each writer creates the folders it writes into
+    written: list[Path] = []
     if needs_field:
         try:
             cfg, field, _, iteration = load_run(run_dir)
         except FileNotFoundError as err:
             raise CommandError(f"{err}; nothing to export from (train first: python run.py ...)") from err
-        ev = cfg.eval
-        for name, value in (("mesh_threshold", args.threshold), ("mesh_resolution", args.resolution),
-                            ("mesh_frames", args.mesh_frames), ("mesh_fps", args.mesh_fps),
-                            ("mesh_formats", args.formats)):
-            if value is not None:
-                setattr(ev, name, value)
-        field = field.to(_device(args.device or cfg.device))
+        cfg.eval = ev  # with this export's overrides
+        field = field.to(device)
         print(f"[fourdfy] exporting {run_dir} at iteration {iteration} to {out}")
         renderer = eval_renderer(cfg)
-        if wanted["mesh"] or wanted["glb"]:  # first: a bad threshold fails before minutes of rendering
+        if wanted["mesh"] or wanted["glb"]:  # first: a threshold above the density fails before minutes of rendering
             written += export_meshes(cfg, field, out, sequence=wanted["mesh"], glb=wanted["glb"])
         if wanted["video"]:
             written += export_videos(cfg, field, out, renderer).values()
         if wanted["grid"]:
             written.append(export_grid(cfg, field, out, renderer))
     if wanted["curves"]:
-        if not (run_dir / LOG_FILE).exists():
-            raise CommandError(f"{run_dir / LOG_FILE} does not exist: no training log to plot")
-        run_cfg = load_run_config(run_dir)
         written.append(write_curves(run_dir, out / "curves.png", title=run_cfg.prompt,
                                     stage_lengths=list(run_cfg.schedule.stage_lengths)))
     return written
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status (0: done, 1: bad input, reported on stderr)."""
+    """Entry point; returns the exit status, errors reported on stderr in one line without a traceback.
+
+    0: done. 2: the command line asks for something impossible (as argparse's own usage errors): no such run,
+    no checkpoint, an option out of range, CUDA not available. 1: the export could not be carried out here:
+    output folder not writable, an optional package missing, no surface at the mesh threshold.
+    """
     args = build_parser().parse_args(argv)
     try:
         if args.command == "export":
             for path in export(args):
                 print(f"  wrote {path}")
-    except (CommandError, EmptyMeshError, OutputFolderError, FileNotFoundError) as err:
+    except (EmptyMeshError, OutputFolderError, MissingExtraError) as err:
         print(f"fourdfy {args.command}: error: {err}", file=sys.stderr)
         return 1
-    except ValueError as err:  # a setting out of range (threshold, resolution, ...): the message names it
+    except (CommandError, ValueError, FileNotFoundError) as err:  # ValueError: a setting out of range, named
         print(f"fourdfy {args.command}: error: {err}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

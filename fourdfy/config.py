@@ -12,12 +12,14 @@ from dataclasses import dataclass
 from dataclasses import field as dc_field
 from pathlib import Path
 
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from fourdfy.enums import StrChoice
+from fourdfy.errors import ConfigError, UserError, require_extra
 from fourdfy.fields.field4d import FieldConfig
-from fourdfy.guidance.configs import MVDreamConfig, SDVSDConfig, ZeroscopeConfig
+from fourdfy.guidance.configs import MVDreamConfig, SDVSDConfig, VideoCrafter2Config, VideoPrior, ZeroscopeConfig
 from fourdfy.hybrid import ScheduleConfig
 from fourdfy.render.cameras import CameraSamplingConfig
 from fourdfy.render.volume import RendererConfig
@@ -43,6 +45,20 @@ class GuidanceConfig:
     mvdream: MVDreamConfig = dc_field(default_factory=MVDreamConfig)  # 3D prior (real backend)
     sd_vsd: SDVSDConfig = dc_field(default_factory=SDVSDConfig)  # image prior with VSD (real backend)
     zeroscope: ZeroscopeConfig = dc_field(default_factory=ZeroscopeConfig)  # video prior (real backend)
+    # Which video prior the VID updates use (real backend): the paper's Zeroscope, or VideoCrafter2 with motion
+    # amplification (the authors' newer recipe, configs/fourdfy_stage_3_vc.yaml).
+    video_prior: VideoPrior = VideoPrior.zeroscope
+    videocrafter2: VideoCrafter2Config = dc_field(default_factory=VideoCrafter2Config)  # when video_prior=videocrafter2
+
+
+@dataclass
+class PresetConfig:
+    """The conf/preset/<name>.yaml a run starts from: the first level of its directory (rundir.run_identity).
+
+    A label, not a setting (the preset's values are the settings): it stays out of the fingerprint.
+    """
+
+    name: str = "none"  # set by each preset file; "none" when composed with preset=null
 
 
 @dataclass
@@ -77,6 +93,8 @@ class EvalConfig:
     mesh_fps: float = 8.0  # frame rate at which mesh.glb plays its T meshes (16 frames: 2 s per loop)
     mesh_formats: list[str] = dc_field(default_factory=lambda: ["ply"])  # per-frame files: "ply" and/or "obj"
     mesh_on_finish: bool = False  # also mesh at the end of a run (off: CPU demo stays fast; `fourdfy export`)
+    # Iterations between validation grids during training (renders/validation/, W&B "validation/grid"); null: none.
+    validation_every: int | None = 1000  # authors' configs/fourdfy_stage_*.yaml trainer.val_check_interval: 1000
 
     def validate(self) -> None:
         """Raise ValueError naming the key for a value out of range."""
@@ -84,6 +102,9 @@ class EvalConfig:
                     "n_samples"):
             if getattr(self, key) < 1:
                 raise ValueError(f"eval.{key} must be >= 1, got {getattr(self, key)}")
+        if self.validation_every is not None and self.validation_every < 1:
+            raise ValueError(f"eval.validation_every must be >= 1 (iterations between validation grids) or null "
+                             f"(none), got {self.validation_every}")
 
 
 @dataclass
@@ -93,6 +114,10 @@ class RunConfig:
     prompt: str = "a red ball bouncing on a blue box"  # text prompt (toy world: one of its scenes)
     seed: int = 0  # seeds every random draw of the run
     device: str = "cpu"  # "cpu" or "cuda"
+    # Branching (fourdfy/branch.py): start from another run's checkpoint instead of from scratch.
+    init_from: str | None = None  # the source run directory; stored absolute (fourdfy.api.generate)
+    init_at: str | None = None  # where in the source: "stage1" / "stage2" (that stage's end) or an iteration
+    preset: PresetConfig = dc_field(default_factory=PresetConfig)
     variant: VariantConfig = dc_field(default_factory=VariantConfig)
     field: FieldConfig = dc_field(default_factory=FieldConfig)
     renderer: RendererConfig = dc_field(default_factory=RendererConfig)
@@ -107,20 +132,41 @@ class RunConfig:
         """Check every part before any work; each error names its key (``schedule.p_3d``) and the fix.
 
         Choices (field.kind, guidance.backend, ...) are enums, rejected at compose time already; this checks
-        ranges and the settings that must agree across parts.
+        ranges, the settings that must agree across parts, and what this machine must provide for them (a
+        CUDA GPU for device=cuda, the optional packages asked for). Raises ConfigError (a ValueError) or
+        MissingExtraError, one-line messages that entry points print as they are.
         """
-        self.field.validate()
-        self.renderer.validate()
-        self.cameras.validate()
-        self.schedule.validate()
-        self.trainer.validate()
-        self.eval.validate()
+        _check_device(self.device)  # first: preset=paper on a CPU machine fails for this reason above all
+        parts = [self.field, self.renderer, self.cameras, self.schedule, self.trainer, self.eval, self.logger]
         if self.guidance.backend is GuidanceBackend.synthetic:
-            self.guidance.synthetic.validate()
+            parts.append(self.guidance.synthetic)
         else:
-            self.guidance.mvdream.validate()
-            self.guidance.sd_vsd.validate()
-            self.guidance.zeroscope.validate()
+            video = self.guidance.zeroscope if self.guidance.video_prior is VideoPrior.zeroscope \
+                else self.guidance.videocrafter2
+            parts += [self.guidance.mvdream, self.guidance.sd_vsd, video]
+        for part in parts:
+            try:
+                part.validate()
+            except UserError:
+                raise
+            except ValueError as err:  # the parts raise plain ValueErrors naming their key: mark them as the user's
+                raise ConfigError(str(err)) from err
+        if self.eval.mesh_on_finish:  # meshes written at the end of a run: PLY/OBJ by trimesh, mesh.glb by pygltflib
+            require_extra("trimesh", "eval.mesh_on_finish=true")
+            require_extra("pygltflib", "eval.mesh_on_finish=true")
+
+
+def _check_device(device: str) -> None:
+    """ConfigError naming ``device`` when it is not a torch device, or is CUDA on a machine without one."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"device={device!r} is not a torch device ({err}); set device=cpu or device=cuda") from err
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device={device} but torch.cuda.is_available() is False (no CUDA GPU or driver here); set device=cpu "
+            "(only the toy world is practical on a CPU: preset=demo_cpu) or run on a machine with a CUDA GPU"
+        )
 
 
 def slug(text: str) -> str:
@@ -128,8 +174,9 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", str(text).lower()).strip("_")[:120] or "prompt"
 
 
-# The Hydra config tree that run.py composes from (conf/ beside this package in the repository).
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+# The Hydra config tree fourdfy.main composes from: fourdfy/conf, a link to the repository's conf/ in a checkout
+# and a copy of it in an installed wheel (pyproject.toml's package-data).
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 def register_configs() -> None:

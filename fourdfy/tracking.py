@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 from fourdfy.atomic import write_json_atomic
 from fourdfy.enums import StrChoice
+from fourdfy.errors import import_extra, require_extra
 
 
 class LoggerKind(StrChoice):
@@ -37,6 +38,11 @@ class LoggerConfig:
     entity: str | None = None  # W&B entity (team); None: the default of the logged-in user
     group: str | None = None  # W&B group; run.py sets the sweep name when it is None
     mode: WandbMode = WandbMode.offline  # W&B mode: offline (default, sync later with `wandb sync`), online, disabled
+
+    def validate(self) -> None:
+        """W&B is an optional extra: its absence is reported before any work, with the pip command."""
+        if LoggerKind(self.kind) is LoggerKind.wandb:
+            require_extra("wandb", "logger.kind=wandb")
 
 
 class Logger(Protocol):
@@ -68,7 +74,7 @@ class WandbLogger:
     """W&B run that survives requeues: the run id is stored in the run directory and resumed."""
 
     def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict[str, Any], name: str, job_type: str):
-        import wandb  # optional dependency: imported only when asked for
+        wandb = import_extra("wandb", "logger.kind=wandb")  # optional dependency: imported only when asked for
 
         id_file = Path(run_dir) / "wandb_run_id.json"
         run_id = json.loads(id_file.read_text())["id"] if id_file.exists() else uuid.uuid4().hex[:12]

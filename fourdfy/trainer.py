@@ -26,17 +26,20 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from fourdfy.checkpoint import load_latest_checkpoint, save_checkpoint
+from fourdfy.checkpoint import link_checkpoint, load_checkpoint, load_latest_checkpoint, save_checkpoint
 from fourdfy.clock import Clock
 from fourdfy.guidance.base import Guidance
 from fourdfy.hybrid import HybridSchedule
 from fourdfy.kinds import ParamGroup, UpdateKind
+from fourdfy.logs import get_logger
 from fourdfy.losses import regularisers
 from fourdfy.preemption import checkpoint_on_signal
 from fourdfy.render.volume import Renderer
 from fourdfy.rundir import RunDir
 from fourdfy.sampling import StepSampler
 from fourdfy.tracking import Logger, NullLogger
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -52,7 +55,7 @@ class TrainerConfig:
     adam_eps: float = 1e-15  # optimizer.args.eps
     weight_decay: float = 0.01  # torch AdamW default, which the authors' configs leave in place
     checkpoint_every: int = 500  # iterations between checkpoints (also saved at every stage end)
-    keep_checkpoints: int = 3  # newest checkpoints kept on disk
+    keep_checkpoints: int = 3  # newest checkpoints kept on disk, besides the stage ends (kept for branching)
     log_every: int = 10  # iterations between scalar logs
     progress_bar: bool = True  # tqdm bar with stage, update kind, loss, it/s, ETA
     # Occupancy grid (only with renderer.occupancy_grid=true): all-occupied (dense marching) for the first
@@ -177,6 +180,10 @@ class Trainer:
         self.field.load_state_dict(state["field"])
         self.background.load_state_dict(state["background"])
         self.optimizer.load_state_dict(state["optimizer"])
+        # The checkpoint's param groups carry their hyper-parameters; this run's config wins (a branch may change
+        # them; on a resume they are equal). Learning rates are set by the schedule at every step.
+        for group in self.optimizer.param_groups:
+            group.update(betas=self.cfg.adam_betas, eps=self.cfg.adam_eps, weight_decay=self.cfg.weight_decay)
         for kind, g in self.guidances.items():
             g.load_state_dict(state["guidance"][kind])
         self.generator.set_state(state["generator"])
@@ -186,7 +193,9 @@ class Trainer:
         self.renderer.load_state_dict(state.get("renderer", {}))
 
     def save(self) -> Path:
-        return save_checkpoint(self.run.checkpoints, self.iteration, self.state_dict(), self.cfg.keep_checkpoints)
+        # Stage ends are never pruned: runs branch from them (fourdfy/branch.py).
+        return save_checkpoint(self.run.checkpoints, self.iteration, self.state_dict(), self.cfg.keep_checkpoints,
+                               protected=tuple(self.schedule.stage_ends))
 
     def try_resume(self) -> bool:
         """Load the newest valid checkpoint of the run directory, if any. True when resumed."""
@@ -196,6 +205,19 @@ class Trainer:
         self.load_state_dict(found[0])
         self.run.truncate_log(self.iteration)  # rows past the checkpoint are about to be written again
         return True
+
+    def start_branch(self, checkpoint: Path) -> None:
+        """Begin from another run's checkpoint (fourdfy/branch.py): its whole state, then this run's config.
+
+        The checkpoint is linked into this run's checkpoints/ first, so from here on the branch resumes from
+        its own directory (``try_resume``) and no longer needs its source.
+        """
+        state = load_checkpoint(checkpoint)
+        if state is None:
+            raise ValueError(f"checkpoint {checkpoint} is incomplete or corrupted (hash mismatch); branch from "
+                             "another init_at")
+        link_checkpoint(checkpoint, self.run.checkpoints)
+        self.load_state_dict(state)
 
     # ------------------------------------------------------------------------------------------
     # One iteration
@@ -295,6 +317,9 @@ class Trainer:
         # SLURM warns with SIGUSR2 before the time limit: save, then let submitit requeue (preemption.py).
         with open(log_path, "a") as log_file, checkpoint_on_signal(signal.SIGUSR2) as stop_signal:
             while self.iteration < total:
+                if self.iteration in (0, *self.schedule.stage_ends[:-1]) and self.schedule.stage_lengths[
+                        self.schedule.stage(self.iteration) - 1] > 0:
+                    log.info("stage %d starts at iteration %d", self.schedule.stage(self.iteration), self.iteration)
                 scalars = self.step()
                 it = scalars["iteration"]
                 bar.update(1)
@@ -312,8 +337,8 @@ class Trainer:
                 if stop_signal.requested:
                     if not saved:
                         self.save()
-                    print(f"[fourdfy] caught {stop_signal.signum.name}: saved a checkpoint at iteration "
-                          f"{self.iteration}; handing the signal over", flush=True)
+                    log.info("caught %s: saved a checkpoint at iteration %d; handing the signal over",
+                             stop_signal.signum.name, self.iteration)
                     stop_signal.hand_over()
         bar.close()
 

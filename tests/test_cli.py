@@ -119,26 +119,43 @@ def test_metrics_json_is_bit_for_bit_what_eval_gt_metrics_recomputes(run_dir, ca
 
 
 def test_bad_input_is_reported_in_one_clear_line(run_dir, tmp_path, capsys):
-    def fails(args: list[str], message: str) -> None:
-        assert main(["export", *args]) == 1
+    def fails(args: list[str], message: str, status: int = 2) -> None:
+        assert main(["export", *args]) == status
         err = capsys.readouterr().err
         assert err.startswith("fourdfy export: error:") and message in err, err
+        assert err.count("\n") == 1, err
 
     fails([str(tmp_path / "nowhere")], "does not exist")
     no_ckpt = tmp_path / "no_ckpt"
     no_ckpt.mkdir()
     shutil.copy(run_dir / "config.yaml", no_ckpt / "config.yaml")
     fails([str(no_ckpt), "--video"], "holds no valid checkpoint")
+    assert sorted(p.name for p in no_ckpt.iterdir()) == ["config.yaml"], "a refused export creates nothing"
     out = tmp_path / "empty_mesh"
     fails([str(run_dir), "--mesh", "--glb", "--threshold", "1e9", "--resolution", "8", "--mesh-frames", "2",
-           "--out", str(out)], "below the mesh threshold 1e+09")
-    assert list(out.rglob("*")) == [], "an empty mesh writes nothing"
+           "--out", str(out)], "below the mesh threshold 1e+09", status=1)
+    assert not out.exists(), "an empty mesh writes nothing"
     fails([str(run_dir), "--mesh", "--resolution", "1", "--out", str(out)], "resolution must be an int >= 2")
+    fails([str(run_dir), "--glb", "--mesh-fps", "0", "--out", str(out)], "eval.mesh_fps")
+    assert not out.exists(), "settings are checked before anything is written"
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    fails([str(run_dir), "--grid", "--out", str(blocker / "renders")], "is not writable")
+    fails([str(run_dir), "--grid", "--out", str(blocker / "renders")], "is not writable", status=1)
     if not torch.cuda.is_available():
         fails([str(run_dir), "--grid", "--device", "cuda", "--out", str(out)], "--device cpu")
+    assert not out.exists()
+
+
+def test_export_of_a_folder_that_is_not_a_run_creates_nothing(tmp_path, capsys):
+    """A mistyped RUN_DIR (an existing folder without config.yaml) is refused before renders/ is made."""
+    folder = tmp_path / "not_a_run"
+    folder.mkdir()
+    for args in ([], ["--curves"], ["--mesh", "--out", str(tmp_path / "meshes")]):
+        assert main(["export", str(folder), *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("fourdfy export: error:") and err.count("\n") == 1, err
+        assert "config.yaml" in err and "is not a fourdfy run directory" in err, err
+    assert list(folder.iterdir()) == [] and not (tmp_path / "meshes").exists()
 
 
 def test_console_script_entry_point(tmp_path):
@@ -148,5 +165,5 @@ def test_console_script_entry_point(tmp_path):
     assert scripts["fourdfy"] == "fourdfy.cli:main"
     proc = subprocess.run([sys.executable, "-m", "fourdfy.cli", "export", str(tmp_path)], capture_output=True,
                           text=True, timeout=120, cwd=REPO, check=False)
-    assert proc.returncode == 1 and "is not a fourdfy run directory" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "is not a fourdfy run directory" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr

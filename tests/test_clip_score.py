@@ -306,6 +306,36 @@ def test_cli_run_video_and_folder(
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_cli_checks_the_path_before_loading_clip(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A wrong path is one line and exit status 2 at once: CLIP is never built (offline, its missing weights
+    would otherwise be all the user hears about)."""
+
+    def must_not_load(**kwargs: object) -> CLIPScorer:
+        raise AssertionError("CLIP was loaded before the path was checked")
+
+    monkeypatch.setattr(clip_score, "CLIPScorer", must_not_load)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text('prompt: "a panda dancing"\n')
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for argv, message in (
+        ([str(tmp_path / "missing.mp4")], "missing.mp4' does not exist; pass a run directory, a video or a video"),
+        ([str(run_dir)], "orbit.mp4' does not exist; render the run's orbit video first"),
+        ([str(empty)], "holds no videos"),
+        ([str(run_dir), "--prompt", "a dog"], "--prompt applies to a single video"),
+    ):
+        assert clip_score.main(argv) == 2
+        captured = capsys.readouterr()
+        assert captured.err.startswith("python -m eval.clip_score: error: ") and message in captured.err, captured
+        assert captured.err.count("\n") == 1 and captured.out == ""
+    _write_video(empty / "a_cat.mp4", np.zeros((1, 8, 8, 3), np.uint8))
+    assert clip_score.main([str(empty), "--batch-size", "0"]) == 2
+    assert "--batch-size must be >= 1" in capsys.readouterr().err
+
+
 def test_offline_without_cache_names_pretrained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Offline mode is read from this constant at call time; an empty cache_dir rules out a cached copy.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

@@ -30,11 +30,11 @@ from fourdfy.build import build_field
 from fourdfy.checkpoint import save_checkpoint
 from fourdfy.config import RunConfig, compose_run_config
 from fourdfy.export.video import write_video
+from fourdfy.identity import identity_of
 from fourdfy.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 BALL, CUBE = "a red ball bouncing on a blue box", "a yellow cube spinning"
-SLUG = {BALL: "a_red_ball_bouncing_on_a_blue_box", CUBE: "a_yellow_cube_spinning"}
 FAIL_MESSAGE = "ValueError: schedule.p_3d must be a probability in [0, 1], got 1.5"
 
 MULTIRUN_YAML = f"""\
@@ -64,8 +64,13 @@ def run_config(variant: str, prompt: str) -> RunConfig:
     return copy.deepcopy(_composed(variant, prompt))
 
 
+def run_dir_of(root: Path, variant: str, prompt: str) -> Path:
+    """Where run.py puts the smoke run of (variant, prompt) below ``root``."""
+    return root / identity_of(run_config(variant, prompt)).path
+
+
 def make_run(root: Path, variant: str, prompt: str, finished: bool, seed: int = 0) -> Path:
-    run_dir = root / variant / SLUG[prompt] / "seed0"
+    run_dir = run_dir_of(root, variant, prompt)
     cfg = run_config(variant, prompt)
     RunDir(run_dir).prepare(cfg)
     torch.manual_seed(seed)
@@ -81,7 +86,7 @@ def make_run(root: Path, variant: str, prompt: str, finished: bool, seed: int = 
 
 def make_failed_job(root: Path, variant: str, prompt: str, job_id: str) -> Path:
     """A Hydra job that failed before training: .hydra/ only, and submitit's error pickle."""
-    run_dir = root / variant / SLUG[prompt] / "seed0"
+    run_dir = run_dir_of(root, variant, prompt)
     (run_dir / ".hydra").mkdir(parents=True)
     OmegaConf.save(OmegaConf.structured(run_config(variant, prompt)), run_dir / ".hydra" / "config.yaml")
     OmegaConf.save(OmegaConf.create({"hydra": {"job": {"id": job_id, "num": 3}}}), run_dir / ".hydra" / "hydra.yaml")
@@ -121,7 +126,7 @@ def test_statuses_means_and_cached_metrics(sweep: Path, tmp_path: Path) -> None:
 
     full = _row(table, "full")
     assert (full["expected"], full["finished"], full["failed"], full["missing"]) == (2, 2, 0, 0)
-    direct = [run_metrics(sweep / "full" / SLUG[p] / "seed0") for p in (BALL, CUBE)]
+    direct = [run_metrics(run_dir_of(sweep, "full", p)) for p in (BALL, CUBE)]
     for key in ("psnr", "ssim", "depth_error", "motion_error", "gt_error"):
         assert full[key] == pytest.approx((direct[0][key] + direct[1][key]) / 2, rel=1e-9)
 
@@ -137,16 +142,16 @@ def test_statuses_means_and_cached_metrics(sweep: Path, tmp_path: Path) -> None:
     assert len(pd.read_csv(result.files["runs"])) == 6
 
     # Written beside the run, generate's own keys kept; no temporary file left behind.
-    saved = json.loads((sweep / "full" / SLUG[BALL] / "seed0" / "metrics.json").read_text())
+    saved = json.loads((run_dir_of(sweep, "full", BALL) / "metrics.json").read_text())
     assert saved["psnr"] == 1.0 and saved["eval"]["gt"]["values"]["psnr"] == pytest.approx(direct[0]["psnr"])
     assert not [p for p in sweep.rglob("*") if ".tmp-" in p.name]
-    unfinished = json.loads((sweep / "no_3d" / SLUG[BALL] / "seed0" / "metrics.json").read_text())
+    unfinished = json.loads((run_dir_of(sweep, "no_3d", BALL) / "metrics.json").read_text())
     assert "eval" not in unfinished
 
 
 def test_metrics_are_recomputed_only_when_asked(sweep: Path) -> None:
     collect.collect(sweep)
-    path = sweep / "full" / SLUG[BALL] / "seed0" / "metrics.json"
+    path = run_dir_of(sweep, "full", BALL) / "metrics.json"
     data = json.loads(path.read_text())
     true_psnr = data["eval"]["gt"]["values"]["psnr"]
     data["eval"]["gt"]["values"]["psnr"] = 99.0  # a marker: reused values come back unchanged
@@ -226,16 +231,74 @@ def test_bad_input_errors_name_the_path(tmp_path: Path, capsys: pytest.CaptureFi
     assert "empty sweep" in capsys.readouterr().err
 
 
+# ----------------------------------------------------------------------------------------------
+# One row per configuration
+
+
+def _scored_run(root: Path, overrides: list[str], psnr: float, where: Path | None = None) -> Path:
+    """A finished smoke run whose ground-truth metrics are already cached (collect reuses them: no rendering)."""
+    from fourdfy.synthetic.metrics import GTMetricsConfig
+
+    cfg = compose_run_config(["preset=smoke", *overrides])
+    run_dir = root / (where or identity_of(cfg).path)
+    RunDir(run_dir).prepare(cfg)
+    values = {"psnr": psnr, "ssim": 0.5, "depth_error": 0.1, "motion_error": 0.2}
+    settings = GTMetricsConfig.from_eval(cfg.eval).settings()
+    (run_dir / "metrics.json").write_text(json.dumps({"eval": {"gt": {"settings": settings, "values": values}}}))
+    (run_dir / "DONE").write_text("finished\n")
+    return run_dir
+
+
+def test_one_row_per_configuration_with_the_swept_keys_and_mean_sd_over_seeds(tmp_path: Path) -> None:
+    root = tmp_path / "outputs"
+    _scored_run(root, ["schedule.p_3d=0.3", "seed=0"], 20.0)
+    _scored_run(root, ["schedule.p_3d=0.3", "seed=1"], 22.0)
+    _scored_run(root, ["schedule.p_3d=0.3", "seed=0", f"prompt={CUBE}"], 30.0)
+    _scored_run(root, ["schedule.p_3d=0.7", "seed=0"], 25.0)
+    # Disagreements are reported, never merged: a run in another config's directory, and an edited config.yaml.
+    moved = _scored_run(root, ["schedule.p_3d=0.9"], 99.0,
+                        where=identity_of(run_config("full", BALL)).path.parent.parent / "schedule.p_3d=0.7" / "seed5")
+    edited = _scored_run(root, ["schedule.p_3d=0.7", "seed=2"], 98.0)
+    (edited / "config.yaml").write_text((edited / "config.yaml").read_text().replace("p_3d: 0.7", "p_3d: 0.8"))
+    stamped = _scored_run(root, ["schedule.p_3d=0.7", "seed=3"], 97.0)
+    (stamped / "fingerprint.json").write_text('{"fingerprint": "0123456789abcdef"}')
+
+    result = collect.collect(root)
+    table = result.table.set_index("tag")
+    assert list(table.index) == ["schedule.p_3d=0.3", "schedule.p_3d=0.7"]
+    assert list(table["schedule.p_3d"]) == [0.3, 0.7] and (table["preset"] == "smoke").all()
+    row = table.loc["schedule.p_3d=0.3"]
+    assert (row["expected"], row["finished"], row["psnr_n"]) == (3, 3, 3)  # pooled: both prompts, both seeds
+    assert row["psnr"] == pytest.approx(24.0) and row["psnr_std"] == pytest.approx(5.291502622, rel=1e-9)
+    assert table.loc["schedule.p_3d=0.7", "psnr_n"] == 1 and math.isnan(table.loc["schedule.p_3d=0.7", "psnr_std"])
+
+    per_prompt = result.by_prompt.set_index(["tag", "prompt"])
+    ball = per_prompt.loc[("schedule.p_3d=0.3", BALL)]
+    assert (ball["psnr"], ball["psnr_n"]) == (21.0, 2) and ball["psnr_std"] == pytest.approx(2 ** 0.5)
+    assert per_prompt.loc[("schedule.p_3d=0.3", CUBE), "psnr"] == 30.0
+
+    status = {r.path: (r.status, r.reason) for r in result.records}
+    assert status[moved][0] == collect.MISMATCHED and "schedule.p_3d=0.9/seed0, not in" in status[moved][1]
+    assert status[edited][0] == collect.MISMATCHED and "schedule.p_3d=0.8/seed2, not in" in status[edited][1]
+    assert status[stamped][0] == collect.MISMATCHED and "fingerprint.json (0123456789abcdef)" in status[stamped][1]
+    md = result.files["md"].read_text()
+    assert "| Method | Config | `p_3d` | GT err. (combined) ↓ | PSNR ↑ |" in md
+    assert "| 4D-fy | schedule.p_3d=0.3 | 0.3 | " in md and "| 24.00 ± 5.29 |" in md and "| 3/3 |" in md
+    assert "Per prompt (mean ± standard deviation over seeds):" in md and "| 21.00 ± 1.41 |" in md
+    assert f"- {moved}: **mismatched**" in md and f"- {edited}: **mismatched**" in md
+    assert "99.00" not in md and "98.00" not in md and "97.00" not in md
+
+
 @pytest.mark.slow  # builds a ViT-B/32 (random weights): ~10-20 s on 2 busy cores
 def test_clip_scores_join_the_table_when_asked(sweep: Path) -> None:
     # Random CLIP weights (pretrained=None): no download; the number is meaningless, the wiring is not.
     for prompt in (BALL, CUBE):
         frames = torch.rand(4, 16, 16, 3, generator=torch.Generator().manual_seed(0))
-        write_video(frames, sweep / "full" / SLUG[prompt] / "seed0" / "renders" / "orbit.mp4", fps=4)
+        write_video(frames, run_dir_of(sweep, "full", prompt) / "renders" / "orbit.mp4", fps=4)
     result = collect.collect(sweep, collect.CollectOptions(clip=True, clip_pretrained=None))
     full = _row(result.table, "full")
     assert 0.0 <= full["clip"] <= 100.0 and full["clip_n"] == 2
-    saved = json.loads((sweep / "full" / SLUG[BALL] / "seed0" / "metrics.json").read_text())["eval"]["clip"]
+    saved = json.loads((run_dir_of(sweep, "full", BALL) / "metrics.json").read_text())["eval"]["clip"]
     assert saved["settings"]["pretrained"] is None and 0.0 <= saved["values"]["clip"] <= 100.0
     md = result.files["md"].read_text()
     assert "CLIP ↑" in md and "CLIP (paper)" in md and "| 4D-fy | " + f"{full['clip']:.1f}" in md

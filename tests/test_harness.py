@@ -27,7 +27,7 @@ from fourdfy.api import generate
 from fourdfy.build import build_field
 from fourdfy.checkpoint import save_checkpoint
 from fourdfy.config import RunConfig, compose_config
-from fourdfy.rundir import RunDir, config_fingerprint
+from fourdfy.rundir import NEUTRAL_NEW_KEYS, RunDir, config_fingerprint
 from fourdfy.synthetic.scenes import SCENES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -188,19 +188,25 @@ def test_generate_refuses_to_resume_a_run_of_another_config(tmp_path: Path) -> N
 
 
 def test_a_key_added_later_leaves_the_fingerprint_at_its_neutral_value() -> None:
-    """Runs started before guidance.synthetic.video.clip_azimuths_deg existed must still resume: at its neutral
-    value (None) the fingerprint is the one computed without the key; any other value changes it."""
+    """Runs started before guidance.synthetic.video.clip_azimuths_deg (or init_from, init_at) existed must still
+    resume: at its neutral value (None) the fingerprint is the one computed without the key; any other value
+    changes it. preset.name, a label, is resume-safe (the directory names it instead)."""
     cfg = OmegaConf.to_object(compose_cfg(["preset=smoke"]))
     data = dataclasses.asdict(cfg)
-    for key in ("logger", "eval", "device"):
+    for key in ("logger", "eval", "device", "preset"):
         data.pop(key)
     for section, key in (("trainer", "progress_bar"), ("trainer", "log_every"), ("field", "checkpoint_chunk")):
         data[section].pop(key)
-    del data["guidance"]["synthetic"]["video"]["clip_azimuths_deg"]
+    for dotted in NEUTRAL_NEW_KEYS:  # every key added later, at its neutral value in preset=smoke
+        *parents, leaf = dotted.split(".")
+        node = data
+        for part in parents:
+            node = node[part]
+        del node[leaf]
     before_the_key = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
     assert config_fingerprint(cfg) == before_the_key
-    front = OmegaConf.to_object(compose_cfg(["preset=smoke", "guidance.synthetic.video.clip_azimuths_deg=[0,30]"]))
-    assert config_fingerprint(front) != before_the_key
+    for override in ("guidance.synthetic.video.clip_azimuths_deg=[0,30]", "init_from=/runs/x", "init_at=stage2"):
+        assert config_fingerprint(OmegaConf.to_object(compose_cfg(["preset=smoke", override]))) != before_the_key
 
 
 def _run_py(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -228,7 +234,8 @@ def test_run_py_relaunch_of_finished_and_incompatible_runs(tmp_path: Path) -> No
     _fake_started_run(other, OmegaConf.to_object(compose_cfg(["preset=smoke", "seed=7"])))
     proc = _run_py(["preset=smoke", f"hydra.run.dir={other}"], tmp_path)
     assert proc.returncode != 0
-    assert "holds a run of a different config" in proc.stderr
+    assert "holds a run of a different config (not finished)" in proc.stderr
+    assert "\n  seed: 7 -> 0\n" in proc.stderr  # each differing key, stored -> requested
     assert len(list((other / "checkpoints").glob("*.pt"))) == 1
 
     # An out-of-range value: the error names the key, no run state is written.

@@ -160,7 +160,7 @@ def test_default_previous_handler_terminates_the_process_at_hand_over():
     assert proc.stdout == "flagged True\n"
 
 
-def test_ignored_signal_saves_a_checkpoint_and_training_carries_on(tmp_path, usr2_handler, capsys):
+def test_ignored_signal_saves_a_checkpoint_and_training_carries_on(tmp_path, usr2_handler, caplog):
     cfg = compose_run_config(["preset=smoke", "schedule.stage_lengths=[4,2,2]",
                               "trainer.checkpoint_every=1000", "trainer.keep_checkpoints=10"])
 
@@ -175,7 +175,7 @@ def test_ignored_signal_saves_a_checkpoint_and_training_carries_on(tmp_path, usr
     # Iteration 1 completed when the signal came: checkpoint 2, then the stage ends 4, 6, 8 as usual.
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == [
         f"ckpt_{i:09d}.pt" for i in (2, 4, 6, 8)]
-    assert "[fourdfy] caught SIGUSR2: saved a checkpoint at iteration 2" in capsys.readouterr().out
+    assert "caught SIGUSR2: saved a checkpoint at iteration 2" in caplog.text
     assert signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN
 
 
@@ -276,13 +276,13 @@ def test_signal_saves_the_last_completed_iteration_then_calls_the_previous_handl
 
 
 def test_restart_after_the_signal_ends_bitwise_like_an_uninterrupted_run(interrupted, tmp_path, usr2_handler,
-                                                                          capsys):
+                                                                          caplog):
     assert interrupted.returncode == EXIT_STATUS, interrupted.stdout[-3000:]
     cfg = compose_run_config(OVERRIDES)
     resumed, straight = tmp_path / "resumed", tmp_path / "straight"
     shutil.copytree(interrupted.run_dir, resumed)
     generate(cfg, resumed)
-    assert f"resumed {resumed} at iteration {interrupted.log_iterations[-1] + 1}" in capsys.readouterr().out
+    assert f"resumed {resumed} at iteration {interrupted.log_iterations[-1] + 1}" in caplog.text
     generate(cfg, straight)
     a, path_a = load_latest_checkpoint(resumed / "checkpoints")
     b, path_b = load_latest_checkpoint(straight / "checkpoints")

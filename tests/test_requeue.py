@@ -11,10 +11,16 @@ interrupted after its iteration-10 checkpoint, in one of two ways:
   process as soon as it has logged that SIGTERM, i.e. what SLURM does when KillWait ends, so that the kill
   lands mid-run on a short schedule instead of after the job has finished.
 
-SLURM delays a requeued job's start (BeginTime = now + ~2 min); the test releases it with
-`scontrol update JobId=… StartTime=now`. The restarted job runs in the same run directory and
-fourdfy.api.generate resumes from the newest checkpoint. Its final checkpoint must equal, tensor for
-tensor (torch.equal), the one of an uninterrupted local run of the same config, started alongside.
+SLURM delays a requeued job's start (BeginTime = now + the launch credential's lifetime, ~2 min); the test
+releases it with `scontrol update JobId=… StartTime=now+1`, never `StartTime=now`. The requeue revokes the job's
+launch credential with a time stamp in whole seconds, and slurmd refuses a launch whose credential is not newer
+(slurmd: "Job … already killed, do not launch batch job"; slurmctld: "Killing non-startable batch JobId=…: Job
+credential revoked"): a release within the requeue's second ended the job FAILED without a second run, and the
+sweep with submitit's "has not produced any output (state: FAILED)". Begin time = the release's second + 1 is
+later than the revocation's second (one clock, this machine's), so the restart always launches. The restarted
+job runs in the same run directory and fourdfy.api.generate resumes from the newest checkpoint. Its final
+checkpoint must equal, tensor for tensor (torch.equal), the one of an uninterrupted local run of the same config,
+started alongside.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = ["preset=smoke", "schedule.stage_lengths=[10,10,40]", "trainer.checkpoint_every=5"]
 TOTAL = 60  # iterations of OVERRIDES' schedule
 INTERRUPT_AFTER = 10  # interrupt once this checkpoint exists
-RUN_SUBDIR = Path("full") / "a_red_ball_bouncing_on_a_blue_box" / "seed0"  # hydra.sweep.subdir of the job
+MARKER = f"ckpt_{INTERRUPT_AFTER:09d}.pt.sha256"  # a checkpoint's hash file is written last
 TIMEOUT_S = 900.0  # generous: the node's 2 CPUs are shared
 
 
@@ -85,6 +91,13 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Reference]:
 def _scontrol_job(job_id: str) -> dict[str, str]:
     out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, check=True).stdout
     return dict(item.split("=", 1) for item in out.split() if "=" in item)
+
+
+def _run_dir_with_marker(sweep_dir: Path) -> Path | None:
+    """The job's run directory once it holds checkpoint INTERRUPT_AFTER; where below the sweep directory is
+    conf/config.yaml's hydra.sweep.subdir, so it is found, not spelt out here."""
+    found = sorted(sweep_dir.glob(f"**/checkpoints/{MARKER}"))
+    return found[0].parent.parent if found else None
 
 
 def _job_id(sweep_dir: Path) -> str | None:
@@ -135,9 +148,7 @@ def test_interrupted_slurm_job_resumes_bitwise(slurm_cluster: str, tmp_path: Pat
     sweep = subprocess.Popen(command, cwd=tmp_path, env=_env(), stdout=log, stderr=subprocess.STDOUT)
     job_id = None
     try:
-        run_dir = sweep_dir / RUN_SUBDIR
-        marker = run_dir / "checkpoints" / f"ckpt_{INTERRUPT_AFTER:09d}.pt.sha256"  # the hash is written last
-        _wait(marker.exists, f"checkpoint {INTERRUPT_AFTER}", poll=0.05)
+        run_dir = _wait(lambda: _run_dir_with_marker(sweep_dir), f"checkpoint {INTERRUPT_AFTER}", poll=0.05)
         job_id = _wait(lambda: _job_id(sweep_dir), "the job's submitit folder")
         assert not (run_dir / "DONE").exists()
         job_log = sweep_dir / ".submitit" / job_id / f"{job_id}_0_log.out"
@@ -149,7 +160,8 @@ def test_interrupted_slurm_job_resumes_bitwise(slurm_cluster: str, tmp_path: Pat
             _wait(lambda: "Bypassing signal SIGTERM" in job_log.read_text(), "submitit to log the SIGTERM")
             os.kill(pid, signal.SIGKILL)
         _wait(lambda: _scontrol_job(job_id).get("JobState") == "PENDING", "the requeued job to be pending")
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+        # +1 s: a launch in the second of the requeue would be refused (revoked credential; module docstring).
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+1"], check=True)
         rc = sweep.wait(timeout=TIMEOUT_S)
     finally:
         if sweep.poll() is None:
@@ -164,7 +176,7 @@ def test_interrupted_slurm_job_resumes_bitwise(slurm_cluster: str, tmp_path: Pat
     out = job_log.read_text()
     if how == "timelimit":
         assert "Caught signal SIGUSR2" in out and "Calling checkpoint method" in out and "Requeued job" in out
-    resumed = [int(n) for n in re.findall(r"\[fourdfy\] resumed .* at iteration (\d+)", out)]
+    resumed = [int(n) for n in re.findall(r"resumed .* at iteration (\d+)", out)]
     assert len(resumed) == 1 and INTERRUPT_AFTER <= resumed[0] < TOTAL, out[-3000:]
     assert (run_dir / "DONE").exists()
 

@@ -48,6 +48,18 @@ def test_wilson_interval_published_example() -> None:
     assert hi == pytest.approx(0.3662, abs=5e-5)
 
 
+@pytest.mark.parametrize("votes_for,total", [(81, 263), (3, 10), (0, 12), (12, 12), (298, 728), (1, 1)])
+def test_wilson_interval_is_the_closed_form(votes_for: int, total: int) -> None:
+    # Wilson (1927): (p̂ + z²/2n ± z √(p̂(1 − p̂)/n + z²/4n²)) / (1 + z²/n), z = Φ⁻¹(0.975), typed in here.
+    z = 1.959963984540054
+    n, p_hat = float(total), votes_for / total
+    centre = (p_hat + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p_hat * (1 - p_hat) / n + z * z / (4 * n * n))
+    lo, hi = wilson_interval(votes_for, total)
+    assert lo == pytest.approx(max(centre - half, 0.0), abs=1e-12)
+    assert hi == pytest.approx(min(centre + half, 1.0), abs=1e-12)
+
+
 @pytest.mark.parametrize("votes_for,total", [(81, 263), (3, 10), (0, 12), (12, 12), (298, 728)])
 def test_wilson_bounds_are_where_the_score_test_has_p_005(votes_for: int, total: int) -> None:
     # The Wilson interval inverts the χ² test: at each finite bound p0 the test of H0: share = p0
@@ -139,3 +151,17 @@ def test_min_total_for_significance_matches_scipy() -> None:
     assert min_total_for_significance(0.41) == min_total_for_significance(0.59)
     with pytest.raises(ValueError, match="differ from 0.5"):
         min_total_for_significance(0.5)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--votes", "30", "20"], "--votes FOR TOTAL: FOR must lie in [0, TOTAL=20]"),
+    (["--votes", "-1", "20"], "FOR must lie in [0, TOTAL=20], got -1"),
+    (["--votes", "0", "0"], "TOTAL counts every vote cast and must be > 0"),
+    (["--paper", "--alpha", "1.5"], "--alpha must lie in (0, 1)"),
+])
+def test_cli_bad_values_are_one_line_with_status_2(argv: list[str], message: str,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("python -m eval.stats: error: ")
+    assert message in captured.err and captured.err.count("\n") == 1, captured.err

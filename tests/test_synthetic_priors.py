@@ -23,6 +23,8 @@ from fourdfy.synthetic.priors import (
 )
 from fourdfy.synthetic.scenes import SCENES, get_scene
 
+pytestmark = pytest.mark.numerics  # floats against references: .ci/run reruns these on other SIMD kernels
+
 
 def _brute_force_posterior_mean(z, alpha_bar, data, log_prior=None):
     """E[x0 | z] by Bayes' rule written out with Gaussian densities in float64, one datum at a time."""

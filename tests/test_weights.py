@@ -99,6 +99,23 @@ def test_all_missing_models_are_named_in_one_error() -> None:
     assert "guidance.mvdream.checkpoint" in str(info.value)
 
 
+def test_combined_error_counts_every_missing_model() -> None:
+    """All three priors, nothing cached: MVDream lacks 2 models, SD-VSD 2, Zeroscope 1; the one error says 5
+    (not the first prior's own "2") and lists each model once, every entry with its fix."""
+    cfg = RunConfig()
+    cfg.schedule.stage_lengths = [1, 1, 1]  # every kind
+    with pytest.raises(ModelNotAvailableError) as info:
+        build_real_guidances(cfg)
+    message = str(info.value)
+    assert message.startswith("5 models are not available:\n\n")
+    assert message.count("models are not available") == 1
+    assert len(info.value.entries) == 5 and message.count("Fix:") == 5
+    keys = ("guidance.mvdream.checkpoint", "guidance.mvdream.components_model", "guidance.sd_vsd.pretrained_model",
+            "guidance.sd_vsd.lora_pretrained_model", "guidance.zeroscope.pretrained_model")
+    for key, entry in zip(keys, info.value.entries, strict=True):
+        assert entry.startswith(f"{key} = "), entry
+
+
 def test_missing_second_model_names_its_own_key(tiny_sd: Path, tmp_path: Path) -> None:
     cfg = dataclasses.replace(SDVSDConfig(), pretrained_model=str(tiny_sd))
     with pytest.raises(ModelNotAvailableError, match="guidance.sd_vsd.lora_pretrained_model"):

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fourdfy.errors import import_extra
 from fourdfy.export.video import atomic_output, ensure_writable_dir
 from fourdfy.render.views import field_device
 from fourdfy.render.volume import Field
@@ -122,13 +123,19 @@ def extract_mesh(
     return TriMesh(vertices=vertices, faces=faces, colors=colors, time=float(t))
 
 
+def check_mesh_settings(n_frames: int, resolution: int, threshold: float, box_radius: float) -> None:
+    """ValueError naming the setting, for what extract_mesh_sequence would refuse; checked before any work."""
+    _check_threshold(threshold)
+    _check_grid_args(resolution, box_radius)
+    mesh_times(n_frames)
+
+
 def extract_mesh_sequence(
     field: Field, n_frames: int, resolution: int, threshold: float, box_radius: float, chunk: int = 1 << 16,
 ) -> list[TriMesh]:
     """Meshes at mesh_times(n_frames). All frames are extracted before anything is written, and the first
     empty frame raises EmptyMeshError, so a bad threshold never leaves a partial or empty set of files."""
-    _check_threshold(threshold)
-    _check_grid_args(resolution, box_radius)
+    check_mesh_settings(n_frames, resolution, threshold, box_radius)
     meshes = []
     for k, t in enumerate(mesh_times(n_frames)):
         try:
@@ -145,8 +152,7 @@ def extract_mesh_sequence(
 
 
 def _trimesh(mesh: TriMesh):  # -> trimesh.Trimesh (imported lazily: an optional dependency)
-    import trimesh
-
+    trimesh = import_extra("trimesh", "writing PLY/OBJ meshes")
     rgba = np.concatenate([mesh.colors, np.full((len(mesh.colors), 1), 255, np.uint8)], axis=1)
     # process=False: keep the vertices exactly as extracted (no merging), so counts match the .glb.
     return trimesh.Trimesh(vertices=mesh.vertices, faces=mesh.faces, vertex_colors=rgba, process=False)
@@ -204,7 +210,7 @@ def _pad4(blob: bytearray) -> None:
 
 def build_animated_gltf(meshes: list[TriMesh], fps: float):  # -> pygltflib.GLTF2
     """The glTF document of :func:`write_animated_glb` (binary blob attached)."""
-    import pygltflib as g
+    g = import_extra("pygltflib", "writing mesh.glb")  # an optional dependency
 
     if not meshes:
         raise ValueError("no meshes to animate")

@@ -22,11 +22,13 @@ from pathlib import Path
 import torch
 
 from fourdfy.config import RunConfig
+from fourdfy.errors import require_extra
 from fourdfy.export.curves import LOG_FILE, write_curves
 from fourdfy.export.mesh import (
     EmptyMeshError,
     check_fps,
     check_mesh_formats,
+    check_mesh_settings,
     extract_mesh_sequence,
     write_animated_glb,
     write_mesh_sequence,
@@ -89,6 +91,19 @@ def export_grid(cfg: RunConfig, field: Field, out_dir: Path, renderer: Renderer 
     return write_grid(grid, Path(out_dir) / "grid.png", caption=cfg.prompt if ev.captions else None)
 
 
+def check_mesh_export(cfg: RunConfig, sequence: bool = True, glb: bool = True, asked_by: str = "") -> None:
+    """What export_meshes would refuse, checked before the (slow) extraction: the eval.mesh_* settings
+    (ValueError naming them) and the optional packages (MissingExtraError; asked_by: what asked for meshes)."""
+    ev = cfg.eval
+    check_mesh_settings(ev.mesh_frames, ev.mesh_resolution, ev.mesh_threshold, cfg.field.box_radius)
+    if sequence:
+        check_mesh_formats(ev.mesh_formats)
+        require_extra("trimesh", asked_by or "writing PLY/OBJ meshes")
+    if glb:
+        check_fps(ev.mesh_fps)
+        require_extra("pygltflib", asked_by or "writing mesh.glb")
+
+
 def export_meshes(
     cfg: RunConfig, field: Field, out_dir: Path, sequence: bool = True, glb: bool = True
 ) -> list[Path]:
@@ -100,11 +115,7 @@ def export_meshes(
     ev, out_dir = cfg.eval, Path(out_dir)
     if not (sequence or glb):
         return []
-    # Settings are checked before the (slow) extraction, not after it.
-    if sequence:
-        check_mesh_formats(ev.mesh_formats)
-    if glb:
-        check_fps(ev.mesh_fps)
+    check_mesh_export(cfg, sequence, glb)
     meshes = extract_mesh_sequence(field, ev.mesh_frames, ev.mesh_resolution, ev.mesh_threshold,
                                    cfg.field.box_radius)
     paths: list[Path] = []

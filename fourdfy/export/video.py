@@ -43,6 +43,13 @@ class OutputFolderError(OSError):
 # Atomic files
 
 
+def _not_writable(folder: Path, err: OSError) -> OutputFolderError:
+    return OutputFolderError(
+        f"output folder {folder} is not writable ({err.strerror or err}); choose a writable folder "
+        "(`fourdfy export RUN_DIR --out DIR`) or fix its permissions"
+    )
+
+
 def ensure_writable_dir(folder: Path) -> Path:
     """Create ``folder`` if needed and check that a file can be written in it (a real probe, which also
     catches read-only mounts where permission bits say yes). Raises OutputFolderError naming the folder."""
@@ -52,11 +59,25 @@ def ensure_writable_dir(folder: Path) -> Path:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as err:
-        raise OutputFolderError(
-            f"output folder {folder} is not writable ({err.strerror or err}); choose a writable folder "
-            "(`fourdfy export RUN_DIR --out DIR`) or fix its permissions"
-        ) from err
+        raise _not_writable(folder, err) from err
     return folder
+
+
+def check_writable_dir(folder: Path) -> None:
+    """Check, creating nothing, that ``folder`` could be created and written to: the same probe as
+    :func:`ensure_writable_dir` in the folder or, when it does not exist yet, in its nearest existing parent
+    (which must be a folder). For checks before any work: a refused export leaves no empty folder behind."""
+    folder = Path(folder)
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(existing))
+        with tempfile.TemporaryFile(dir=existing):  # removed on close: nothing is left behind
+            pass
+    except OSError as err:
+        raise _not_writable(folder, err) from err
 
 
 @contextmanager

@@ -121,6 +121,24 @@ def check_prompt(prompt: str) -> None:
         raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
 
 
+def check_video_inputs(renders: torch.Tensor, prompt: str, cameras: Cameras, n_frames: int,
+                       size: tuple[int, int]) -> None:
+    """A video prior's inputs: renders [n_frames, H, W, 3] with (H, W) = size (render_height x render_width),
+    one camera per frame, a non-empty prompt. Raises ValueError naming what is wrong."""
+    if renders.ndim != 4 or renders.shape[-1] != 3:
+        raise ValueError(f"renders must be [F, H, W, 3] (the frames of one video), got {tuple(renders.shape)}")
+    if renders.shape[0] != n_frames:
+        raise ValueError(f"renders: the video prior takes n_frames={n_frames} frames, got {renders.shape[0]}")
+    if tuple(renders.shape[1:3]) != tuple(size):
+        raise ValueError(
+            f"renders: the video prior takes {size[0]}x{size[1]} frames (render_height x render_width), "
+            f"got {renders.shape[1]}x{renders.shape[2]}"
+        )
+    if len(cameras) != n_frames:
+        raise ValueError(f"cameras: need one camera per frame ({n_frames}), got {len(cameras)}")
+    check_prompt(prompt)
+
+
 class LatentDiffusionPrior:
     """The shared core of the real priors: one shallow base class, no further levels.
 

@@ -1,10 +1,10 @@
 """The real priors' configs, importable without torch, diffusers, transformers or peft.
 
 Hydra's schema (fourdfy/config.py) needs these dataclasses at import time, while the priors that use them
-(mvdream.py, sd_vsd.py, zeroscope.py) pull in the model libraries (~12 s of CPU): keeping the configs here
-lets `import fourdfy.config` stay light. Import them from here (the guidance modules do not re-export them).
-Where a field comment says "see module docstring", it means the docstring of the guidance module that uses
-the config.
+(mvdream.py, sd_vsd.py, zeroscope.py, videocrafter2.py) pull in the model libraries (~12 s of CPU): keeping the
+configs here lets `import fourdfy.config` stay light. Import them from here (the guidance modules do not
+re-export them). Where a field comment says "see module docstring", it means the docstring of the guidance
+module that uses the config.
 
 Each config's `validate(key)` checks the values that need no weights and raises a ValueError naming the key
 (`guidance.<name>.<field>`) and the fix; the priors' constructors call it. Field comments cite the authors'
@@ -17,12 +17,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from fourdfy.enums import StrChoice
+
 # Default models: the authors' configs/fourdfy_stage_{1,2,3}.yaml (keys under `system.`).
 MVDREAM_REPO = "MVDream/MVDream"  # MVDream's model_zoo: hf_hub_download(repo_id="MVDream/MVDream", ...)
 MVDREAM_FILE = "sd-v2.1-base-4view.pt"  # guidance_multi_view.model_name: "sd-v2.1-base-4view"
 SD21_BASE = "stabilityai/stable-diffusion-2-1-base"  # guidance.pretrained_model_name_or_path (ε-prediction)
 SD21 = "stabilityai/stable-diffusion-2-1"  # guidance.pretrained_model_name_or_path_lora (v-prediction)
 ZEROSCOPE = "cerspense/zeroscope_v2_576w"  # guidance_video.pretrained_model_name_or_path
+# configs/fourdfy_stage_3_vc.yaml prompt_processor_video.pretrained_model_name_or_path (file model.ckpt).
+VIDEOCRAFTER2 = "VideoCrafter/VideoCrafter2"
+VIDEOCRAFTER2_FILE = "model.ckpt"
+# configs/fourdfy_stage_3_vc.yaml, system.prompt_processor_video.negative_prompt (verbatim).
+VIDEOCRAFTER2_NEGATIVE_PROMPT = "low motion, static statue, not moving, no motion"
 
 # 4D-fy configs/fourdfy_stage_*.yaml, system.prompt_processor_multi_view.negative_prompt (verbatim).
 MVDREAM_NEGATIVE_PROMPT = (
@@ -241,6 +248,108 @@ class ZeroscopeConfig:
                 f"got {self.vae_grad_frames}"
             )
         _check_step_percents(key, self.min_step_percent, self.max_step_percent)
+
+
+class VideoPrior(StrChoice):
+    """The video prior of the VID update: the paper's Zeroscope, or VideoCrafter2 (the authors' *_vc configs)."""
+
+    zeroscope = "zeroscope"  # configs/fourdfy_stage_3.yaml guidance_type_video "zeroscope-guidance"
+    videocrafter2 = "videocrafter2"  # configs/fourdfy_stage_3_vc.yaml guidance_type_video "videocrafter-guidance"
+
+
+@dataclass
+class VideoCrafter2Config:
+    """VideoCrafter2 video SDS with motion amplification; defaults are the authors' configs/fourdfy_stage_3_vc.yaml
+    `guidance_video` / `prompt_processor_video` and threestudio/models/guidance/videocrafter_guidance.py."""
+
+    # Hub repo id, a local model.ckpt or a folder holding `checkpoint_file`:
+    # prompt_processor_video.pretrained_model_name_or_path (funcs.py load_model_checkpoint downloads model.ckpt).
+    checkpoint: str = VIDEOCRAFTER2
+    checkpoint_file: str = VIDEOCRAFTER2_FILE
+    # Allow arbitrary pickled objects when reading the .ckpt (only for files you trust).
+    trust_pickle: bool = False
+    # Part configs; None = the released ones (videocrafter/configs/inference_t2v_512_v2.0.yaml; see
+    # fourdfy/guidance/videocrafter_weights.py). Tests pass tiny ones.
+    unet_config: dict[str, Any] | None = None
+    vae_config: dict[str, Any] | None = None
+    text_config: dict[str, Any] | None = None
+    # Frames per video step: data.single_view.num_frames = 16 (apply_model(..., temporal_length=16)).
+    n_frames: int = 16
+    # Render size of each frame: data.single_view.height_vid = 80, width_vid = 128.
+    render_height: int = 80
+    render_width: int = 128
+    # Size each frame is bilinearly resized to before the VAE: VideoCrafterGuidance.__call__ (320, 512)
+    # (latents 40 × 64, the yaml's image_size).
+    image_height: int = 320
+    image_width: int = 512
+    # Frame-rate conditioning of the UNet: guidance_video.fps = 8 (the class default is 28).
+    fps: int = 8
+    # CFG, written ε_c + s(ε_c − ε_u): guidance_video.guidance_scale = 100.
+    guidance_scale: float = 100.0
+    # Unconditional prompt: prompt_processor_video.negative_prompt.
+    negative_prompt: str = VIDEOCRAFTER2_NEGATIVE_PROMPT
+    # VideoCrafterGuidance.Config.view_dependent_prompting = True.
+    view_dependent_prompting: bool = True
+    # prompt_processor_video sets no thresholds: threestudio's PromptProcessor defaults, 45° (overhead 60°).
+    view_prompts: ViewPromptConfig = field(default_factory=lambda: ViewPromptConfig(45.0, 45.0))
+    # t range / 1000 over the steps of stage 3 (its own clock; see the module docstring of videocrafter2.py):
+    # guidance_video.min_step_percent [0, 0.02, 0.02, 5000], max_step_percent [0, 0.98, 0.5, 5000].
+    min_step_percent: Ramp = field(default_factory=lambda: Ramp(0, 0.02, 0.02, 5000))
+    max_step_percent: Ramp = field(default_factory=lambda: Ramp(0, 0.98, 0.5, 5000))
+    # Score s = ε̂ − ε replaced by mean_T(s) + k·(s − mean_T(s)): guidance_video.motion_amp_scale = 30 (1 = off).
+    motion_amp_scale: float = 30.0
+    # Frames whose VAE encoding keeps its graph, chosen at random per call: guidance_video.low_ram_vae = 2
+    # (None = every frame, the authors' -1; configs/fourdfy_stage_3_low_vram_vc.yaml leaves it unset).
+    vae_grad_frames: int | None = 2
+    # Latents = VAE posterior sample × 0.18215 (encode_first_stage: .sample(None) * scale_factor).
+    sample_posterior: bool = True
+    # fp16 weights (CUDA only): guidance_video.half_precision_weights = false, i.e. fp32 weights.
+    half_precision_weights: bool = False
+    # Loss multiplier λ_video: system.loss.lambda_sds_video = 0.1.
+    loss_weight: float = 0.1
+    # Keep the UNet on the CPU between calls (memory option; the VAE stays on the device).
+    offload: bool = False
+    # Recompute VAE-encoder activations in backward (memory option).
+    vae_gradient_checkpointing: bool = False
+
+    def validate(self, key: str = "guidance.videocrafter2") -> None:
+        """Raise ValueError naming `<key>.<field>` and the fix for values no VideoCrafter2 prior can use."""
+        if self.n_frames < 1:
+            raise ValueError(f"{key}.n_frames must be >= 1 (frames per video; the authors use 16), got {self.n_frames}")
+        if self.vae_grad_frames is not None and not 1 <= self.vae_grad_frames <= self.n_frames:
+            raise ValueError(
+                f"{key}.vae_grad_frames must be null (every frame) or in [1, n_frames={self.n_frames}], "
+                f"got {self.vae_grad_frames}"
+            )
+        for name in ("render_height", "render_width"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{key}.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("image_height", "image_width"):
+            if getattr(self, name) < 8 or getattr(self, name) % 8:
+                raise ValueError(
+                    f"{key}.{name} must be a positive multiple of 8 (the VAE downsamples by 8; the authors use "
+                    f"320 x 512), got {getattr(self, name)}"
+                )
+        if self.fps < 1:
+            raise ValueError(f"{key}.fps must be >= 1 (frame-rate conditioning; the authors use 8), got {self.fps}")
+        if self.motion_amp_scale < 0:
+            raise ValueError(
+                f"{key}.motion_amp_scale must be >= 0 (1 = no amplification; the authors use 30), "
+                f"got {self.motion_amp_scale}"
+            )
+        ramps = (self.min_step_percent, self.max_step_percent)
+        ends = {r(s) for r in ramps for s in (r.start_step, r.end_step)}
+        if any(not 0 <= v < 1 for v in ends):
+            raise ValueError(
+                f"{key}.min_step_percent and {key}.max_step_percent must stay in [0, 1), got "
+                f"{self.min_step_percent} and {self.max_step_percent}"
+            )
+        steps = sorted({0, *(r.start_step for r in ramps), *(r.end_step for r in ramps)})
+        if any(self.min_step_percent(s) > self.max_step_percent(s) for s in steps):
+            raise ValueError(
+                f"{key}.min_step_percent must not exceed {key}.max_step_percent at any step, got "
+                f"{self.min_step_percent} and {self.max_step_percent}"
+            )
 
 
 def _check_step_percents(key: str, low: float, high: float) -> None:

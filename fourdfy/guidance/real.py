@@ -1,4 +1,8 @@
-"""The paper's three priors, built together from a run config (the "real" guidance backend)."""
+"""The paper's three priors, built together from a run config (the "real" guidance backend).
+
+The video prior is Zeroscope (the paper) or VideoCrafter2 (the authors' *_vc configs), chosen by
+`guidance.video_prior`.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +12,40 @@ from typing import TYPE_CHECKING
 import torch
 
 from fourdfy.guidance.base import Guidance
+from fourdfy.guidance.configs import VideoPrior
 from fourdfy.kinds import UPDATE_KINDS, UpdateKind
 
 if TYPE_CHECKING:
     from fourdfy.config import RunConfig
+    from fourdfy.hybrid import ScheduleConfig
+
+
+def video_stage_start(schedule: ScheduleConfig) -> int:
+    """The global iteration at which stage 3 (the video updates) begins: the clock of VideoCrafter2's t range."""
+    from fourdfy.hybrid import HybridSchedule
+
+    return HybridSchedule(schedule).stage_ends[1]
+
+
+def _video_builder(cfg: RunConfig, device: torch.device) -> Callable[[], Guidance]:
+    """The builder of the video prior named by guidance.video_prior."""
+    g = cfg.guidance
+    if VideoPrior(g.video_prior) is VideoPrior.videocrafter2:
+        from fourdfy.guidance.videocrafter2 import VideoCrafter2Guidance
+
+        return lambda: VideoCrafter2Guidance.from_config(
+            g.videocrafter2, device, seed=cfg.seed + 3, stage_start=video_stage_start(cfg.schedule),
+            config_key="guidance.videocrafter2",
+        )
+    from fourdfy.guidance.zeroscope import ZeroscopeGuidance
+
+    return lambda: ZeroscopeGuidance.from_config(
+        g.zeroscope, device, seed=cfg.seed + 3, config_key="guidance.zeroscope"
+    )
 
 
 def build_real_guidances(cfg: RunConfig) -> dict[UpdateKind, Guidance]:
-    """MVDream (3D), SD 2.1 VSD (IMG) and Zeroscope (VID) for the update kinds the schedule uses.
+    """MVDream (3D), SD 2.1 VSD (IMG) and Zeroscope or VideoCrafter2 (VID) for the update kinds the schedule uses.
 
     Every missing model is reported in one error, so a user fixes all config keys in one go.
     """
@@ -24,7 +54,6 @@ def build_real_guidances(cfg: RunConfig) -> dict[UpdateKind, Guidance]:
     from fourdfy.guidance.mvdream import MVDreamGuidance
     from fourdfy.guidance.sd_vsd import SDVSDGuidance
     from fourdfy.guidance.weights import ModelNotAvailableError
-    from fourdfy.guidance.zeroscope import ZeroscopeGuidance
     from fourdfy.hybrid import HybridSchedule
 
     used = HybridSchedule(cfg.schedule).kinds_used()
@@ -37,19 +66,18 @@ def build_real_guidances(cfg: RunConfig) -> dict[UpdateKind, Guidance]:
         UpdateKind.IMAGE: lambda: SDVSDGuidance.from_config(
             g.sd_vsd, device, seed=cfg.seed + 2, config_key="guidance.sd_vsd"
         ),
-        UpdateKind.VIDEO: lambda: ZeroscopeGuidance.from_config(
-            g.zeroscope, device, seed=cfg.seed + 3, config_key="guidance.zeroscope"
-        ),
+        UpdateKind.VIDEO: _video_builder(cfg, device),
     }
     guidances: dict[UpdateKind, Guidance] = {}
-    missing: list[str] = []
+    missing: list[ModelNotAvailableError] = []
     for kind in UPDATE_KINDS:
         if kind not in used:
             continue
         try:
             guidances[kind] = builders[kind]()
         except ModelNotAvailableError as err:
-            missing.append(str(err))
+            missing.append(err)
     if missing:
-        raise ModelNotAvailableError("\n\n".join(missing))
+        # One count over every prior's models (MVDream alone can lack two), not the priors' own counts.
+        raise ModelNotAvailableError.combined(missing)
     return guidances

@@ -26,6 +26,7 @@ from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer, PreTrainedModel
 
 from fourdfy.enums import StrChoice
+from fourdfy.errors import UserError
 from fourdfy.guidance.noise import scaled_linear_alphas_cumprod
 
 # Files that prove a subfolder is there (the hub repos' own layout); any one of each tuple will do
@@ -49,8 +50,28 @@ M = TypeVar("M", bound=nn.Module)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+$")
 
 
-class ModelNotAvailableError(ValueError):
-    """A prior's weights are neither at the configured local path nor obtainable from the hub."""
+class ModelNotAvailableError(UserError, ValueError):
+    """A prior's weights are neither at the configured local path nor obtainable from the hub.
+
+    ``entries``: one message per missing model (what is missing and the fix); an error about several models
+    (``combined``) lists them all and counts them.
+    """
+
+    def __init__(self, *entries: str):
+        self.entries = list(entries)
+        if len(entries) == 1:
+            message = entries[0]
+        else:
+            message = f"{len(entries)} models are not available:\n\n" + "\n\n".join(entries)
+        super().__init__(message)
+
+    def __reduce__(self):  # pickled with its entries (submitit sends a SLURM job's exception back pickled)
+        return type(self), tuple(self.entries)
+
+    @classmethod
+    def combined(cls, errors: list[ModelNotAvailableError]) -> ModelNotAvailableError:
+        """One error for all of ``errors``: each model listed once, the count being the number listed."""
+        return cls(*(entry for err in errors for entry in err.entries))
 
 
 def hub_offline() -> bool:
@@ -84,16 +105,14 @@ def resolve_together(*resolvers: Callable[[], T]) -> list[T]:
     So a run with several missing models says so once, not one model per attempt.
     """
     results: list[T] = []
-    errors: list[str] = []
+    errors: list[ModelNotAvailableError] = []
     for resolve in resolvers:
         try:
             results.append(resolve())
         except ModelNotAvailableError as err:
-            errors.append(str(err))
-    if len(errors) == 1:
-        raise ModelNotAvailableError(errors[0])
+            errors.append(err)
     if errors:
-        raise ModelNotAvailableError(f"{len(errors)} models are not available:\n\n" + "\n\n".join(errors))
+        raise ModelNotAvailableError.combined(errors)
     return results
 
 

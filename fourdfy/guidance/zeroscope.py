@@ -17,7 +17,14 @@ import torch
 from diffusers import AutoencoderKL, UNet3DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from fourdfy.guidance.base import GuidanceOut, LatentDiffusionPrior, cfg_halves, cfg_mix, check_prompt, sds_loss
+from fourdfy.guidance.base import (
+    GuidanceOut,
+    LatentDiffusionPrior,
+    cfg_halves,
+    cfg_mix,
+    check_video_inputs,
+    sds_loss,
+)
 from fourdfy.guidance.configs import ZeroscopeConfig
 from fourdfy.guidance.memory import resolve_dtype
 from fourdfy.guidance.noise import add_noise
@@ -115,23 +122,7 @@ class ZeroscopeGuidance(LatentDiffusionPrior):
         return cls(cfg, models, device=device, dtype=dtype, seed=seed)
 
     def _check_inputs(self, renders: torch.Tensor, prompt: str, cameras: Cameras) -> None:
-        if renders.ndim != 4 or renders.shape[-1] != 3:
-            raise ValueError(
-                f"renders must be [F, H, W, 3] (the frames of one video), got {tuple(renders.shape)}"
-            )
-        if renders.shape[0] != self.n_frames:
-            raise ValueError(
-                f"renders: the video prior takes n_frames={self.n_frames} frames, got {renders.shape[0]}"
-            )
-        size = (self.cfg.render_height, self.cfg.render_width)
-        if tuple(renders.shape[1:3]) != size:
-            raise ValueError(
-                f"renders: the video prior takes {size[0]}x{size[1]} frames (render_height x render_width), "
-                f"got {renders.shape[1]}x{renders.shape[2]}"
-            )
-        if len(cameras) != self.n_frames:
-            raise ValueError(f"cameras: need one camera per frame ({self.n_frames}), got {len(cameras)}")
-        check_prompt(prompt)
+        check_video_inputs(renders, prompt, cameras, self.n_frames, (self.cfg.render_height, self.cfg.render_width))
 
     def encode(self, renders: torch.Tensor) -> torch.Tensor:
         """frames [F, H, W, 3] in [0, 1] -> latents [1, 4, F, h, w] float32, frames encoded one by one."""

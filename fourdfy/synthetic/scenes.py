@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fourdfy.errors import ConfigError
+
 # Density inside a solid and the softness of its surface (world units). Soft edges keep the
 # ground truth smooth enough for 32×32 renders without aliasing.
 SOLID_DENSITY = 60.0
@@ -124,10 +126,18 @@ SCENES: tuple[ToyScene, ...] = (
 )
 
 
+class UnknownToyPromptError(ConfigError):
+    """A prompt the toy world has no scene for (the synthetic backend only knows SCENES)."""
+
+
 def get_scene(prompt: str) -> ToyScene:
-    """The toy scene for ``prompt``; an unknown prompt lists the ones the toy world knows."""
+    """The toy scene for ``prompt``; an unknown prompt is an UnknownToyPromptError listing the known ones."""
     for scene in SCENES:
         if scene.prompt == prompt:
             return scene
-    known = "\n  ".join(s.prompt for s in SCENES)
-    raise ValueError(f"prompt {prompt!r} is not a toy-world scene. Known toy prompts:\n  {known}")
+    known = ", ".join(repr(s.prompt) for s in SCENES)
+    # One line: run.py prints it as is. Any other prompt is the real priors' business (GPU and model weights).
+    raise UnknownToyPromptError(
+        f"prompt={prompt!r} is not a toy-world scene (guidance.backend=synthetic); toy prompts: {known}; "
+        "real prompts need preset=paper (the real priors: a CUDA GPU and the model weights)"
+    )

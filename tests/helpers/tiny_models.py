@@ -6,6 +6,8 @@ Nothing is downloaded: the tokenizer is built from the BPE vocabulary that open_
 (ENVIRONMENT.md), read from its file without importing open_clip (a ~10 s import).
 
 `build_tiny_guidances(tmp_path)` returns one constructed tiny prior of each kind for end-to-end tests.
+`save_tiny_videocrafter2(root)` writes a tiny VideoCrafter2 `model.ckpt` in the released file's key layout (UNet,
+lvdm VAE, OpenCLIP text tower, schedule buffers), read by the real loader (videocrafter_weights.py).
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel, UNet3DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from fourdfy.guidance.configs import MVDreamConfig, SDVSDConfig, ZeroscopeConfig
+from fourdfy.guidance.configs import MVDreamConfig, SDVSDConfig, VideoCrafter2Config, ZeroscopeConfig
 from fourdfy.guidance.mvdream import MVDreamGuidance
 from fourdfy.guidance.sd_vsd import SDVSDGuidance
 from fourdfy.guidance.zeroscope import ZeroscopeGuidance
 from fourdfy.kinds import UpdateKind
 from fourdfy.models.mvdream_unet import CHECKPOINT_PREFIX, MultiViewUNet
+from fourdfy.models.videocrafter_unet import CHECKPOINT_PREFIX as VC_UNET_PREFIX
+from fourdfy.models.videocrafter_unet import VideoCrafterUNet
 
 CONTEXT_DIM = 32  # tiny CLIP hidden size = every tiny UNet's cross-attention width
 VOCAB_SIZE = 49408  # CLIP BPE: 256 bytes ×2 + 48,894 merges + 2 special tokens
@@ -48,6 +52,52 @@ TINY_MVDREAM_UNET_CONFIG: dict[str, Any] = {
     "use_checkpoint": False,
     "legacy": False,
     "camera_dim": 16,
+}
+
+# A 2-level VideoCrafterUNet (the shape of shared/testdata/videocrafter2/config.json), context width CONTEXT_DIM.
+TINY_VIDEOCRAFTER_UNET_CONFIG: dict[str, Any] = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 32,
+    "attention_resolutions": [2, 1],
+    "num_res_blocks": 1,
+    "channel_mult": [1, 2],
+    "num_head_channels": 16,
+    "transformer_depth": 1,
+    "context_dim": CONTEXT_DIM,
+    "use_linear": True,
+    "use_checkpoint": False,
+    "temporal_conv": True,
+    "temporal_attention": True,
+    "temporal_selfatt_only": True,
+    "use_relative_position": False,
+    "use_causal_attention": False,
+    "temporal_length": 4,
+    "addition_attention": True,
+    "fps_cond": True,
+}
+# An lvdm AutoencoderKL config (first_stage_config.params, flattened): 4 levels so latents are 1/8 of the image,
+# widths 32 and 64 because lvdm's GroupNorm always has 32 groups.
+TINY_VIDEOCRAFTER_VAE_CONFIG: dict[str, Any] = {
+    "embed_dim": 4,
+    "double_z": True,
+    "z_channels": 4,
+    "in_channels": 3,
+    "out_ch": 3,
+    "ch": 32,
+    "ch_mult": [1, 2, 2, 2],  # a channel change, so resblocks have nin_shortcut
+    "num_res_blocks": 1,
+    "attn_resolutions": [],
+}
+# An OpenCLIP text tower (3 blocks; "penultimate" uses 2), width CONTEXT_DIM, the real vocabulary.
+TINY_VIDEOCRAFTER_TEXT_CONFIG: dict[str, Any] = {
+    "context_length": 77,
+    "vocab_size": VOCAB_SIZE,
+    "width": CONTEXT_DIM,
+    "heads": 4,
+    "layers": 3,
+    "mlp_ratio": 4.0,
+    "layer": "penultimate",
 }
 
 
@@ -208,6 +258,97 @@ def save_tiny_mvdream(root: Path, filename: str = "sd-v2.1-base-4view.pt", seed:
     state["first_stage_model.dummy"] = torch.zeros(1)
     torch.save(state, root / filename)
     return root
+
+
+def tiny_openclip_text():  # -> open_clip.transformer.TextTransformer
+    """A tiny OpenCLIP text tower (TINY_VIDEOCRAFTER_TEXT_CONFIG), random weights; its state dict has the names
+    of the released checkpoint's `cond_stage_model.model.*` (FrozenOpenCLIPEmbedder deletes `visual`)."""
+    from open_clip.transformer import TextTransformer
+
+    c = TINY_VIDEOCRAFTER_TEXT_CONFIG
+    return TextTransformer(
+        context_length=c["context_length"], vocab_size=c["vocab_size"], width=c["width"], heads=c["heads"],
+        layers=c["layers"], mlp_ratio=c["mlp_ratio"], output_dim=c["width"],
+    )
+
+
+def ldm_vae_state_dict(vae: AutoencoderKL) -> dict[str, torch.Tensor]:
+    """A diffusers AutoencoderKL's tensors under the names of the original LDM / lvdm VAE (videocrafter
+    lvdm/modules/networks/ae_modules.py Encoder/Decoder, lvdm/models/autoencoder.py): the layout of
+    `first_stage_model.*` in VideoCrafter2's model.ckpt. Written from those module names, independently of
+    the diffusers converter the loader uses, so a round trip tests the converter."""
+    n = len(vae.config.block_out_channels)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in vae.state_dict().items():
+        new = key
+        for side in ("encoder", "decoder"):
+            new = new.replace(f"{side}.conv_norm_out.", f"{side}.norm_out.")
+            new = new.replace(f"{side}.mid_block.resnets.0.", f"{side}.mid.block_1.")
+            new = new.replace(f"{side}.mid_block.resnets.1.", f"{side}.mid.block_2.")
+        if ".mid_block.attentions.0." in new:
+            new = new.replace(".mid_block.attentions.0.", ".mid.attn_1.")
+            for old, name in (("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."),
+                              ("to_out.0.", "proj_out.")):
+                new = new.replace(old, name)
+            if new.endswith(".weight") and value.ndim == 2:  # lvdm AttnBlock: 1x1 convolutions
+                value = value[:, :, None, None]
+        for i in range(n):
+            new = new.replace(f"encoder.down_blocks.{i}.resnets.", f"encoder.down.{i}.block.")
+            new = new.replace(f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample.")
+            new = new.replace(f"decoder.up_blocks.{i}.resnets.", f"decoder.up.{n - 1 - i}.block.")
+            new = new.replace(f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{n - 1 - i}.upsample.")
+        new = new.replace(".conv_shortcut.", ".nin_shortcut.")
+        out[new] = value.clone()
+    return out
+
+
+def tiny_videocrafter_vae() -> AutoencoderKL:
+    """The diffusers form of TINY_VIDEOCRAFTER_VAE_CONFIG (what the loader builds)."""
+    from fourdfy.guidance.videocrafter_weights import diffusers_vae_config
+
+    return AutoencoderKL(**diffusers_vae_config(TINY_VIDEOCRAFTER_VAE_CONFIG))
+
+
+def save_tiny_videocrafter2(root: Path, filename: str = "model.ckpt", seed: int = 0) -> Path:
+    """A folder holding a tiny VideoCrafter2 checkpoint laid out as the released model.ckpt: {'state_dict': {
+    model.diffusion_model.*, first_stage_model.* (lvdm names), cond_stage_model.model.* (OpenCLIP names, plus
+    logit_scale), the DDPM buffers betas / alphas_cumprod and use_scale's scale_arr}}. Returns the file."""
+    from fourdfy.guidance.videocrafter_weights import videocrafter2_schedule
+
+    root.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = VideoCrafterUNet(**TINY_VIDEOCRAFTER_UNET_CONFIG)
+        vae = tiny_videocrafter_vae()
+        text = tiny_openclip_text()
+        with torch.no_grad():  # open_clip initialises the final LayerNorm / embeddings plainly: perturb them
+            for p in text.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+    state: dict[str, torch.Tensor] = {VC_UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
+    state.update({"first_stage_model." + k: v for k, v in ldm_vae_state_dict(vae).items()})
+    state.update({"cond_stage_model.model." + k: v for k, v in text.state_dict().items()})
+    state["cond_stage_model.model.logit_scale"] = torch.tensor(4.6052)
+    alphas_cumprod = videocrafter2_schedule().alphas_cumprod.float()
+    state["alphas_cumprod"] = alphas_cumprod
+    state["betas"] = 1 - alphas_cumprod / torch.cat([torch.ones(1), alphas_cumprod[:-1]])
+    state["scale_arr"] = torch.cat([torch.linspace(1.0, 0.7, 400), torch.full((1000,), 0.7)])
+    torch.save({"state_dict": state, "epoch": 0, "global_step": 0}, root / filename)
+    return root / filename
+
+
+def tiny_videocrafter2_config(checkpoint: Path) -> VideoCrafter2Config:
+    """4 frames rendered 16×24, resized to 32×48 (latents [1, 4, 4, 4, 6]); the authors' other values."""
+    return VideoCrafter2Config(
+        checkpoint=str(checkpoint),
+        unet_config=dict(TINY_VIDEOCRAFTER_UNET_CONFIG),
+        vae_config=dict(TINY_VIDEOCRAFTER_VAE_CONFIG),
+        text_config=dict(TINY_VIDEOCRAFTER_TEXT_CONFIG),
+        n_frames=4,
+        render_height=16,
+        render_width=24,
+        image_height=32,
+        image_width=48,
+    )
 
 
 # ---------------------------------------------------------------- tiny priors
