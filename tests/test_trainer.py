@@ -167,12 +167,12 @@ def test_renders_have_the_size_the_guidance_asks_for_at_each_step(tmp_path):
     assert spy.shapes == [(0, (4, 8, 8, 3)), (1, (4, 8, 8, 3)), (2, (4, 12, 16, 3)), (3, (4, 12, 16, 3))]
 
 
-def test_finished_run_is_not_redone_and_incompatible_resume_is_refused(tmp_path, capsys):
+def test_finished_run_is_not_redone_and_incompatible_resume_is_refused(tmp_path, caplog):
     cfg = compose_run_config(["preset=smoke"])
     generate(cfg, tmp_path)
     assert (tmp_path / "DONE").exists() and (tmp_path / "renders" / "orbit.mp4").stat().st_size > 0
     generate(cfg, tmp_path)
-    assert "already finished" in capsys.readouterr().out
+    assert "already finished" in caplog.text
     other = compose_run_config(["preset=smoke", "schedule.p_3d=0.3"])
     (tmp_path / "DONE").unlink()
     with pytest.raises(ValueError, match="different config"):
