@@ -18,13 +18,18 @@ or any folder of run directories. Steps:
    recomputed only with ``--recompute``): toy-world runs get ground-truth metrics (eval.gt_metrics, with
    the run's own eval settings); real runs get the CLIP score (eval.clip_score, paper §4.1).
 5. One row per configuration (preset, variant, tag): the swept settings as columns (every key that some row
-   sets away from its preset + variant), each metric's mean ± standard deviation over the row's finished runs
-   (all prompts and seeds: "pooled") and their count; the same per prompt (over seeds) in
-   ``table2_by_prompt.csv`` and under the Markdown table.
-6. User-study preferences (userstudy.analyze) from ``--userstudy`` or ``OUTPUT_DIR/userstudy/answers.csv``:
-   the share of votes for ``--method`` (default ``full``) against each variant.
-7. Writes ``table2.csv``, ``table2_by_prompt.csv``, ``table2.md``, ``table2.tex``, ``table2.png`` (bar plot) and
-   ``runs.csv`` (one line per run, every status) into ``--out`` (default OUTPUT_DIR).
+   sets away from its preset + variant), each metric's mean, standard deviation, 95% confidence interval
+   (Student t, eval.paired.mean_interval) over the row's finished runs (all prompts and seeds: "pooled") and
+   their count; the same per prompt (over seeds) in ``table2_by_prompt.csv`` and under the Markdown table.
+6. Paired comparisons (eval.paired.paired_test) of each row with the ``--method`` row (default ``full``) of the
+   same preset and tag, per metric, over runs matched on (prompt, seed) (CLIP: over prompts, each prompt's mean
+   over seeds): mean difference row − method, its 95% t interval, the exact sign-flip permutation p-value;
+   unmatched runs are dropped, with a note. Markdown / LaTeX mark a cell whose p < 0.05.
+7. User-study preferences (userstudy.analyze) from ``--userstudy`` or ``OUTPUT_DIR/userstudy/answers.csv``:
+   the share of votes for ``--method`` against each variant and its χ² p-value (eval.stats).
+8. Writes ``table2.csv``, ``table2_by_prompt.csv``, ``table2_paired.csv``, ``table2.md``, ``table2.tex``,
+   ``table2.png`` (bar plot, 95% intervals) and ``runs.csv`` (one line per run, every status) into ``--out``
+   (default OUTPUT_DIR).
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ablations.table2 import REFERENCE_VARIANT, ROWS, row_of
+from eval.paired import EXACT_MAX_PAIRS, MONTE_CARLO_DRAWS, mean_interval, min_pairs_for_significance, paired_test
 from fourdfy.atomic import atomic_path, write_json_atomic, write_text_atomic
 from fourdfy.checkpoint import list_checkpoints
 from fourdfy.config import RunConfig, compose_run_config, slug
@@ -59,6 +65,8 @@ STATUSES = (FINISHED, FAILED, UNFINISHED, MISSING)  # the statuses a table row c
 MISMATCHED = "mismatched"  # stored config and directory disagree: reported, never in a row
 CRITERIA = ("AQ", "SQ", "MQ", "TA", "Overall")  # Table 2's human-preference columns (userstudy.CRITERIA)
 USERSTUDY_DEFAULT = Path("userstudy") / "answers.csv"  # looked for inside OUTPUT_DIR
+LEVEL = 0.95  # confidence level of every interval in the table
+ALPHA = 0.05  # significance level of the markers: the paper's "p < 0.05" (§4.1)
 
 
 @dataclass(frozen=True)
@@ -69,12 +77,15 @@ class Metric:
     label: str  # column header
     higher_is_better: bool
     digits: int  # decimals shown in Markdown / LaTeX
+    # Paired test unit. False: runs matched on (prompt, seed). True: prompts, each one's mean over its seeds
+    # (the paper's CLIP score is a mean over prompts, Table 2; real runs are too costly to match seeds row to row).
+    paired_by_prompt: bool = False
 
 
 # Column order: CLIP first (the paper's one metric), then the toy world's ground-truth metrics, the
 # combined one (fourdfy.synthetic.metrics.combined_error) first.
 METRICS: tuple[Metric, ...] = (
-    Metric("clip", "CLIP", True, 1),
+    Metric("clip", "CLIP", True, 1, paired_by_prompt=True),
     Metric("gt_error", "GT err. (combined)", False, 4),
     Metric("psnr", "PSNR", True, 2),
     Metric("ssim", "SSIM", True, 3),
@@ -118,7 +129,7 @@ class CollectOptions:
     clip_pretrained: str | None = "openai"  # eval.clip_score weights (paper: OpenAI's ViT-B/32)
     clip_device: str = "cpu"
     userstudy: Path | None = None  # answers CSV; None: OUTPUT_DIR/userstudy/answers.csv when it exists
-    method: str = REFERENCE_VARIANT  # the method whose preference shares are reported
+    method: str = REFERENCE_VARIANT  # the method whose preference shares are reported and every row is paired with
 
 
 # ----------------------------------------------------------------------------------------------
@@ -442,11 +453,14 @@ def _configurations(records: list[RunRecord], studied: set[str]) -> list[tuple[s
 
 
 def _stats_columns(runs: list[RunRecord], metric_keys: list[str]) -> dict[str, Any]:
-    """Counts per status, then mean, standard deviation and count of each metric over ``runs``."""
+    """Counts per status, then each metric's mean, standard deviation, 95% t interval (``_low``, ``_high``; NaN
+    for fewer than two values) and count over ``runs``."""
     out: dict[str, Any] = {"expected": len(runs), **{s: sum(r.status == s for r in runs) for s in STATUSES}}
     for key in metric_keys:
-        values = [r.metrics[key] for r in runs if key in r.metrics]
-        out[key], out[f"{key}_std"], out[f"{key}_n"] = _mean(values), _std(values), len(values)
+        values = [r.metrics[key] for r in runs if key in r.metrics and not math.isnan(r.metrics[key])]
+        low, high = mean_interval(values, LEVEL)[1:3] if values else (float("nan"), float("nan"))
+        out[key], out[f"{key}_std"] = _mean(values), _std(values)
+        out[f"{key}_low"], out[f"{key}_high"], out[f"{key}_n"] = low, high, len(values)
     return out
 
 
@@ -460,8 +474,8 @@ def _identity_columns(config: tuple[str, str, str], runs: list[RunRecord], keys:
 
 def build_table(records: list[RunRecord], shares: pd.DataFrame | None, method: str) -> pd.DataFrame:
     """One row per configuration (preset, variant, tag), pooled over its prompts and seeds; mismatched runs are
-    left out. Columns: the configuration, the swept settings, counts per status, metric mean/_std/_n, and the
-    user-study shares of the row's variant."""
+    left out. Columns: the configuration, the swept settings, counts per status, metric mean/_std/_low/_high/_n
+    (_low, _high: 95% t interval), and the user-study shares of the row's variant with their χ² p-values (_p)."""
     studied = set() if shares is None else {str(b) for b in shares.index}
     keys = swept_keys(records)
     metric_keys = [m.key for m in METRICS if any(m.key in rec.metrics for rec in records)]
@@ -480,7 +494,7 @@ def build_table(records: list[RunRecord], shares: pd.DataFrame | None, method: s
 
 
 def build_prompt_table(records: list[RunRecord]) -> pd.DataFrame:
-    """One row per (configuration, prompt): metric mean/_std/_n over that prompt's seeds."""
+    """One row per (configuration, prompt): metric mean/_std/_low/_high/_n over that prompt's seeds."""
     keys = swept_keys(records)
     metric_keys = [m.key for m in METRICS if any(m.key in rec.metrics for rec in records)]
     rows = []
@@ -493,16 +507,128 @@ def build_prompt_table(records: list[RunRecord]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# ----------------------------------------------------------------------------------------------
+# Paired comparisons with the reference method
+
+
+PAIRED_COLUMNS = ("preset", "variant", "tag", "row", "reference", "metric", "unit", "diff", "low", "high", "p",
+                  "n_pairs", "exact", "dropped", "note")  # table2_paired.csv
+
+
+def _paired_units(runs: list[RunRecord], metric: Metric) -> dict[tuple[Any, ...], float]:
+    """What a paired test matches: each run's value keyed by (prompt, seed), or for a per-prompt metric each
+    prompt's mean over its seeds keyed by (prompt,)."""
+    groups: dict[tuple[Any, ...], list[float]] = {}
+    for r in runs:
+        value = r.metrics.get(metric.key)
+        if value is not None and not math.isnan(value):
+            groups.setdefault((r.prompt,) if metric.paired_by_prompt else (r.prompt, r.seed), []).append(value)
+    # A unit with two values (two runs of one prompt and seed in a row) is averaged, never silently dropped.
+    return {unit: sum(v) / len(v) for unit, v in groups.items()}
+
+
+def _unit_text(unit: tuple[Any, ...]) -> str:
+    return f"{unit[0]!r}" + (f" seed {unit[1]}" if len(unit) > 1 else "")
+
+
+def _dropped_note(row_name: str, method: str, only_row: list[tuple[Any, ...]],
+                  only_ref: list[tuple[Any, ...]]) -> str:
+    """Which units had no partner: "dropped 2 unmatched (no_3d only: 'a ball' seed 1; full only: 'a cube' seed 0)"."""
+    parts = []
+    for who, units in ((row_name, only_row), (method, only_ref)):
+        if units:
+            shown = ", ".join(_unit_text(u) for u in units[:4]) + (", ..." if len(units) > 4 else "")
+            parts.append(f"{who} only: {shown}")
+    return f"dropped {len(only_row) + len(only_ref)} unmatched ({'; '.join(parts)})" if parts else ""
+
+
+def paired_comparisons(records: list[RunRecord], method: str = REFERENCE_VARIANT) -> pd.DataFrame:
+    """Each configuration against ``method``'s configuration of the same preset and tag, per metric: mean
+    difference (row − method), its 95% t interval and the two-sided sign-flip permutation p-value over matched
+    units (``Metric.paired_by_prompt``), eval.paired.paired_test. Units without a partner are dropped and named in
+    ``note``; a row with no ``method`` counterpart or no matched unit gets NaN statistics and a note.
+    Columns: PAIRED_COLUMNS, one line per (configuration, metric with values in that configuration)."""
+    merged = [r for r in records if r.status != MISMATCHED]
+    metrics = [m for m in METRICS if any(m.key in r.metrics for r in merged)]
+    lines = []
+    for config in _configurations(merged, set()):
+        preset, variant, tag = config
+        mine = [r for r in merged if r.configuration == config]
+        if variant == method or not mine:
+            continue
+        reference = [r for r in merged if r.configuration == (preset, method, tag)]
+        row_def = row_of(variant)
+        name = (row_def.label if row_def else variant) + ("" if tag == DEFAULT_TAG else f" [{tag}]")
+        for metric in metrics:
+            ours, theirs = _paired_units(mine, metric), _paired_units(reference, metric)
+            if not ours:
+                continue
+            matched = sorted(set(ours) & set(theirs), key=str)
+            note = _dropped_note(variant, method, sorted(set(ours) - set(theirs), key=str),
+                                 sorted(set(theirs) - set(ours), key=str))
+            line = {"preset": preset, "variant": variant, "tag": tag, "row": name, "reference": method,
+                    "metric": metric.key, "unit": "prompt" if metric.paired_by_prompt else "prompt, seed",
+                    "diff": float("nan"), "low": float("nan"), "high": float("nan"), "p": float("nan"),
+                    "n_pairs": len(matched), "exact": False, "dropped": len(set(ours) ^ set(theirs)), "note": note}
+            if not reference:
+                line["note"] = f"no {method} run with preset {preset} and tag {tag}: nothing to pair with"
+            elif matched:
+                res = paired_test([ours[u] for u in matched], [theirs[u] for u in matched], LEVEL)
+                line.update(diff=res.diff, low=res.low, high=res.high, p=res.p_value, exact=res.exact)
+            lines.append(line)
+    return pd.DataFrame(lines, columns=list(PAIRED_COLUMNS))
+
+
+def _paired_index(paired: pd.DataFrame | None) -> dict[tuple[str, str, str, str], pd.Series]:
+    """(preset, variant, tag, metric) -> that comparison's line."""
+    if paired is None:
+        return {}
+    return {(line["preset"], line["variant"], line["tag"], line["metric"]): line for _, line in paired.iterrows()}
+
+
+def _significant(line: pd.Series | None) -> bool:
+    return line is not None and not math.isnan(line["p"]) and line["p"] < ALPHA
+
+
 def _fmt(value: float, digits: int, suffix: str = "") -> str:
     return "—" if value is None or math.isnan(value) else f"{value:.{digits}f}{suffix}"
 
 
-def _fmt_stat(row: pd.Series, metric: Metric) -> str:
-    """``mean ± sd`` (``mean`` alone for one run, ``—`` for none)."""
-    mean, std = row[metric.key], row.get(f"{metric.key}_std", float("nan"))
+MARK, LATEX_MARK = "*", r"$^*$"  # on a cell whose difference from the reference method has p < ALPHA
+DELTA_METRIC = "gt_error"  # toy rows: the paired difference of the combined ground-truth error gets a column
+
+
+def _half_width(low: float, high: float) -> float:
+    return (high - low) / 2.0
+
+
+def _fmt_stat(row: pd.Series, metric: Metric, marked: bool = False) -> str:
+    """``mean ± half-width of the 95% CI`` (``mean`` alone for one run, ``—`` for none), then MARK if marked."""
+    mean = row[metric.key]
     if mean is None or math.isnan(mean):
         return "—"
-    return _fmt(mean, metric.digits) + ("" if std is None or math.isnan(std) else f" ± {std:.{metric.digits}f}")
+    low, high = row.get(f"{metric.key}_low", float("nan")), row.get(f"{metric.key}_high", float("nan"))
+    interval = "" if math.isnan(low) or math.isnan(high) else f" ± {_half_width(low, high):.{metric.digits}f}"
+    return _fmt(mean, metric.digits) + interval + (MARK if marked else "")
+
+
+def _fmt_delta(line: pd.Series | None, digits: int) -> str:
+    """A paired comparison as ``+0.0123 ± 0.0050 (p = 0.031)*`` (no ± for one pair), ``—`` without one."""
+    if line is None or math.isnan(line["diff"]):
+        return "—"
+    interval = "" if math.isnan(line["low"]) else f" ± {_half_width(line['low'], line['high']):.{digits}f}"
+    return f"{line['diff']:+.{digits}f}{interval} (p = {line['p']:.2g})" + (MARK if _significant(line) else "")
+
+
+def _fmt_share(row: pd.Series, criterion: str, suffix: str, mark: str) -> str:
+    """A user-study share, marked when its χ² test against 50/50 (eval.stats) has p < ALPHA."""
+    p = row.get(f"{criterion}_p", float("nan"))
+    return _fmt(row[criterion], 0, suffix) + (mark if not math.isnan(p) and p < ALPHA else "")
+
+
+def _method_label(method: str) -> str:
+    row_def = row_of(method)
+    return row_def.label if row_def else method
 
 
 def _runs_cell(row: pd.Series) -> str:
@@ -542,33 +668,71 @@ def _config_header(table: pd.DataFrame) -> tuple[list[str], list[str]]:
     return columns + keys, headers + [f"`{names[k]}`" for k in keys]
 
 
-def _markdown_rows(table: pd.DataFrame, extra: list[str], study: bool) -> list[str]:
+def _delta_metric(table: pd.DataFrame, paired: pd.DataFrame | None) -> Metric | None:
+    """The metric of the extra Δ column: DELTA_METRIC when the table has it and some row was compared."""
+    metric = next((m for m in _metric_columns(table) if m.key == DELTA_METRIC), None)
+    has = paired is not None and bool((paired["metric"] == DELTA_METRIC).any())
+    return metric if has else None
+
+
+def _markdown_rows(table: pd.DataFrame, extra: list[str], study: bool,
+                   paired: pd.DataFrame | None = None, method: str = REFERENCE_VARIANT) -> list[str]:
     metrics = _metric_columns(table)
+    index = _paired_index(paired)
+    delta = _delta_metric(table, paired)
     config_columns, config_headers = _config_header(table)
     header = ["Method", *config_headers, *extra] + [m.label + (" ↑" if m.higher_is_better else " ↓") for m in metrics]
+    header += [f"Δ {delta.label} vs {_method_label(method)}"] if delta else []
     clip_paper = study and any(m.key == "clip" for m in metrics)
     header += (["CLIP (paper)"] if clip_paper else []) + (list(CRITERIA) if study else []) + ["Runs"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in table.iterrows():
+        config = (row["preset"], row["variant"], row["tag"])
         cells = [str(row["label"])] + [str(row[c]) for c in config_columns] + [str(row[c]) for c in extra]
-        cells += [_fmt_stat(row, m) for m in metrics]
+        cells += [_fmt_stat(row, m, _significant(index.get((*config, m.key)))) for m in metrics]
+        if delta:
+            cells.append(_fmt_delta(index.get((*config, delta.key)), delta.digits))
         if clip_paper:
             cells.append(_fmt(row["paper_clip"], 1))
-        cells += ([_fmt(row[c], 0, "%") for c in CRITERIA] if study else []) + [_runs_cell(row)]
+        cells += ([_fmt_share(row, c, "%", MARK) for c in CRITERIA] if study else []) + [_runs_cell(row)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
+def _paired_legend(paired: pd.DataFrame, method: str) -> list[str]:
+    """What the markers mean, and which runs the paired tests left out."""
+    lines = [f"{MARK}: differs from `{method}` (same preset and config) at p < {ALPHA}: two-sided paired sign-flip "
+             f"permutation test (eval.paired; exact up to {EXACT_MAX_PAIRS} pairs, else {MONTE_CARLO_DRAWS} seeded "
+             "random sign patterns) over runs matched on (prompt, seed); CLIP: over prompts, each prompt's mean over "
+             "seeds. "
+             f"Δ: row − `{method}`, mean ± 95% CI half-width over the pairs. Every comparison: table2_paired.csv."]
+    enough = min_pairs_for_significance(ALPHA)
+    few = paired[(paired["n_pairs"] > 0) & (paired["n_pairs"] < enough)]
+    if len(few):
+        lines.append(f"With fewer than {enough} pairs ({', '.join(sorted(set(few['row'])))}) no difference can reach "
+                     f"p < {ALPHA}: the smallest exact p is 2/2^n ({2 / 2 ** (enough - 1):.4g} for {enough - 1} "
+                     "pairs); add seeds or prompts.")
+    noted = paired[paired["note"] != ""]
+    if len(noted):
+        lines += ["", "Paired comparisons, runs left out:", ""]
+        for (row, note), group in noted.groupby(["row", "note"], sort=False):
+            lines.append(f"- {row} ({', '.join(group['metric'])}): {note}")
+    return lines
+
+
 def to_markdown(table: pd.DataFrame, records: list[RunRecord], method: str,
-                by_prompt: pd.DataFrame | None = None) -> str:
-    """The table as Markdown (mean ± sd over each row's runs), then per prompt, then every run not merged or
-    not finished."""
-    lines = _markdown_rows(table, [], study=True)
-    lines += ["", f"Metrics: mean ± standard deviation over the row's finished runs (every prompt and seed); "
-              f"Runs: finished/expected. Human preference: % of votes for `{method}` against the row's method "
-              "(— : no answers)."]
+                by_prompt: pd.DataFrame | None = None, paired: pd.DataFrame | None = None) -> str:
+    """The table as Markdown (mean ± 95% CI half-width over each row's runs, MARK on a significant paired
+    difference from ``method``), the legend, then per prompt, then every run not merged or not finished."""
+    lines = _markdown_rows(table, [], study=True, paired=paired, method=method)
+    lines += ["", f"Metrics: mean ± half-width of the 95% CI (Student t) over the row's finished runs (every prompt "
+              f"and seed; one run: the mean alone); Runs: finished/expected. Human preference: % of votes for "
+              f"`{method}` against the row's method (— : no answers; {MARK}: χ² test against 50/50 at p < {ALPHA}, "
+              "eval.stats)."]
+    if paired is not None and len(paired):
+        lines += _paired_legend(paired, method)
     if by_prompt is not None and len(by_prompt) and by_prompt["prompt"].nunique() > 1:
-        lines += ["", "Per prompt (mean ± standard deviation over seeds):", ""]
+        lines += ["", "Per prompt (mean ± 95% CI half-width over seeds; no paired tests):", ""]
         lines += _markdown_rows(by_prompt, ["prompt"], study=False)
     mismatched = [r for r in records if r.status == MISMATCHED]
     if mismatched:
@@ -586,18 +750,29 @@ def _latex_escape(text: str) -> str:
     return text.replace("\\", r"\textbackslash{}").replace("&", r"\&").replace("%", r"\%").replace("_", r"\_")
 
 
-def _latex_stat(row: pd.Series, metric: Metric) -> str:
-    return _fmt_stat(row, metric).replace("—", "--").replace(" ± ", r" $\pm$ ")
+def _latex(text: str) -> str:
+    return text.replace("—", "--").replace(" ± ", r" $\pm$ ").replace(MARK, LATEX_MARK)
 
 
-def to_latex(table: pd.DataFrame) -> str:
-    """The table as a LaTeX tabular (booktabs), laid out as the paper's: metrics, then human preference."""
+def to_latex(table: pd.DataFrame, paired: pd.DataFrame | None = None, method: str = REFERENCE_VARIANT) -> str:
+    """The table as a LaTeX tabular (booktabs), laid out as the paper's: metrics (mean ± 95% CI half-width, $^*$
+    on a significant paired difference from ``method``), the toy rows' Δ column, then human preference.
+    A suggested caption, saying what the numbers and markers are, heads it as LaTeX comments."""
     metrics = _metric_columns(table)
-    n_cols = 1 + len(metrics) + len(CRITERIA)
-    lines = [r"\begin{tabular}{l" + "c" * (n_cols - 1) + "}", r"\toprule"]
-    lines.append("Method & " + " & ".join(m.label for m in metrics) + (" & " if metrics else "")
+    index = _paired_index(paired)
+    delta = _delta_metric(table, paired)
+    n_cols = 1 + len(metrics) + (delta is not None) + len(CRITERIA)
+    lines = ["% Caption: metrics are mean $\\pm$ half-width of the 95\\% CI (Student $t$) over each row's runs "
+             r"(prompts and seeds).",
+             f"% $^*$: differs from {_latex_escape(_method_label(method))} at $p < {ALPHA}$, two-sided paired "
+             "sign-flip permutation test over runs matched on (prompt, seed) (CLIP: over prompts);",
+             rf"% human preference: $\chi^2$ test against 50/50 at $p < {ALPHA}$. $\Delta$: row minus "
+             f"{_latex_escape(_method_label(method))}, mean $\\pm$ 95\\% CI half-width over the pairs.",
+             r"\begin{tabular}{l" + "c" * (n_cols - 1) + "}", r"\toprule"]
+    headers = [m.label for m in metrics] + ([rf"$\Delta$ {delta.label}"] if delta else [])
+    lines.append("Method & " + " & ".join(headers) + (" & " if headers else "")
                  + r"\multicolumn{4}{c}{Human Preference} & Overall \\")
-    lines.append(" & " * (1 + len(metrics)) + " & ".join(CRITERIA[:4]) + r" & \\")
+    lines.append(" & " * (1 + len(headers)) + " & ".join(CRITERIA[:4]) + r" & \\")
     lines.append(r"\midrule")
     heading = rf"\multicolumn{{{n_cols}}}{{l}}{{\textit{{Ablation Study}}}} \\"
     for _, row in table.iterrows():
@@ -608,8 +783,11 @@ def to_latex(table: pd.DataFrame) -> str:
         name = row_def.latex if row_def else _latex_escape(str(row["label"]))
         if row["tag"] != DEFAULT_TAG:
             name += r" \texttt{" + _latex_escape(str(row["tag"])) + "}"
-        cells = [_latex_stat(row, m) for m in metrics]
-        cells += [_fmt(row[c], 0, r"\%").replace("—", "--") for c in CRITERIA]
+        config = (row["preset"], row["variant"], row["tag"])
+        cells = [_latex(_fmt_stat(row, m, _significant(index.get((*config, m.key))))) for m in metrics]
+        if delta:
+            cells.append(_latex(_fmt_delta(index.get((*config, delta.key)), delta.digits)).replace("p = ", "$p$ = "))
+        cells += [_latex(_fmt_share(row, c, r"\%", MARK)) for c in CRITERIA]
         lines.append(" & ".join([name, *cells]) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
@@ -619,8 +797,20 @@ def _row_label(row: pd.Series) -> str:
     return str(row["label"]) + ("" if row["tag"] == DEFAULT_TAG else f"\n{row['tag']}")
 
 
-def plot(table: pd.DataFrame, records: list[RunRecord], path: Path) -> Path:
-    """Bar plot: one panel per metric, one bar per row (mean over its runs, whiskers: min-max)."""
+def error_bars(table: pd.DataFrame, metric: Metric) -> list[tuple[int, float, float]]:
+    """(bar index, length below the mean, length above) of each row's 95% CI whisker; only rows with n >= 2 runs
+    (one run has no interval, and drawing none says so)."""
+    out = []
+    for i, (_, row) in enumerate(table.iterrows()):
+        mean, low, high = row[metric.key], row[f"{metric.key}_low"], row[f"{metric.key}_high"]
+        if row[f"{metric.key}_n"] >= 2 and not (math.isnan(low) or math.isnan(high)):
+            # Clamped: equal values give low == mean == high up to a rounding error.
+            out.append((i, max(mean - low, 0.0), max(high - mean, 0.0)))
+    return out
+
+
+def plot(table: pd.DataFrame, path: Path) -> Path:
+    """Bar plot: one panel per metric, one bar per row (mean over its runs, whiskers: 95% CI where n >= 2)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -636,22 +826,19 @@ def plot(table: pd.DataFrame, records: list[RunRecord], path: Path) -> Path:
             ax.set_axis_off()
             continue
         means = [float(v) for v in table[metric.key]]
-        spans = []
-        for (_, row), mean in zip(table.iterrows(), means, strict=True):
-            config = (row["preset"], row["variant"], row["tag"])
-            values = [r.metrics[metric.key] for r in records
-                      if r.configuration == config and r.status != MISMATCHED and metric.key in r.metrics]
-            # Clamped: the mean of equal values can exceed them by a rounding error.
-            spans.append((max(mean - min(values), 0.0), max(max(values) - mean, 0.0)) if values else (0.0, 0.0))
         x = range(len(labels))
-        ax.bar(x, [0.0 if math.isnan(m) else m for m in means], color="tab:blue",
-               yerr=list(zip(*spans, strict=True)), capsize=3)
+        ax.bar(x, [0.0 if math.isnan(m) else m for m in means], color="tab:blue")
+        bars = error_bars(table, metric)
+        if bars:
+            at, below, above = zip(*bars, strict=True)
+            ax.errorbar(at, [means[i] for i in at], yerr=[below, above], fmt="none", ecolor="black", capsize=3)
         for i, mean in enumerate(means):
             if math.isnan(mean):
                 ax.text(i, 0.0, "no runs", rotation=90, ha="center", va="bottom", fontsize=8, color="tab:red")
         ax.set_xticks(list(x), labels, rotation=45, ha="right", fontsize=8)
         ax.set_title(metric.label + (" (higher is better)" if metric.higher_is_better else " (lower is better)"),
                      fontsize=9)
+    fig.suptitle("mean over runs; whiskers: 95% CI (Student t), only where n ≥ 2", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -678,8 +865,9 @@ class CollectResult:
 
     table: pd.DataFrame  # one row per configuration, pooled over prompts and seeds (table2.csv)
     by_prompt: pd.DataFrame  # one row per configuration and prompt (table2_by_prompt.csv)
+    paired: pd.DataFrame  # one line per (configuration, metric) compared with the method (table2_paired.csv)
     records: list[RunRecord]  # every run, every status (runs.csv)
-    files: dict[str, Path]  # "csv", "by_prompt", "md", "tex", "png", "runs" -> written file
+    files: dict[str, Path]  # "csv", "by_prompt", "paired", "md", "tex", "png", "runs" -> written file
 
 
 def collect(root: Path, options: CollectOptions | None = None) -> CollectResult:
@@ -699,17 +887,20 @@ def collect(root: Path, options: CollectOptions | None = None) -> CollectResult:
     shares = userstudy_shares(Path(answers), options.method) if answers is not None else None
     table = build_table(records, shares, options.method)
     by_prompt = build_prompt_table(records)
+    paired = paired_comparisons(records, options.method)
     out = Path(options.out_dir or root)
     out.mkdir(parents=True, exist_ok=True)
-    files = {"csv": out / "table2.csv", "by_prompt": out / "table2_by_prompt.csv", "md": out / "table2.md",
-             "tex": out / "table2.tex", "png": out / "table2.png", "runs": out / "runs.csv"}
+    files = {"csv": out / "table2.csv", "by_prompt": out / "table2_by_prompt.csv",
+             "paired": out / "table2_paired.csv", "md": out / "table2.md", "tex": out / "table2.tex",
+             "png": out / "table2.png", "runs": out / "runs.csv"}
     write_text_atomic(files["csv"], table.to_csv(index=False))
     write_text_atomic(files["by_prompt"], by_prompt.to_csv(index=False))
+    write_text_atomic(files["paired"], paired.to_csv(index=False))
     write_text_atomic(files["runs"], runs_frame(records).to_csv(index=False))
-    write_text_atomic(files["md"], to_markdown(table, records, options.method, by_prompt))
-    write_text_atomic(files["tex"], to_latex(table))
-    plot(table, records, files["png"])
-    return CollectResult(table, by_prompt, records, files)
+    write_text_atomic(files["md"], to_markdown(table, records, options.method, by_prompt, paired))
+    write_text_atomic(files["tex"], to_latex(table, paired, options.method))
+    plot(table, files["png"])
+    return CollectResult(table, by_prompt, paired, records, files)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -726,7 +917,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--clip-device", default="cpu")
     parser.add_argument("--userstudy", type=Path, default=None,
                         help=f"user-study answers CSV (default OUTPUT_DIR/{USERSTUDY_DEFAULT} when present)")
-    parser.add_argument("--method", default=REFERENCE_VARIANT, help="method whose preference shares are shown")
+    parser.add_argument("--method", default=REFERENCE_VARIANT,
+                        help="method whose preference shares are shown and that every row is paired with")
     args = parser.parse_args(argv)
     options = CollectOptions(out_dir=args.out, recompute=args.recompute, clip=args.clip,
                              clip_pretrained=args.clip_pretrained, clip_device=args.clip_device,

@@ -44,7 +44,8 @@ ROWS: tuple[Row, ...] = (
     Row("hexplane", "w/ HexPlane", "w/ HexPlane", 34.5),
 )
 VARIANTS: tuple[str, ...] = tuple(r.variant for r in ROWS)
-# The method the user-study percentages are for ("percentages of users who voted for our method").
+# The method the user-study percentages are for ("percentages of users who voted for our method"), and the one
+# every other row is compared with, pair by pair (ablations/collect.py, eval/paired.py).
 REFERENCE_VARIANT = "full"
 # conf/prompts/ablation5.yaml: the paper's 5 ablation prompts.
 PROMPT_SET = "ablation5"

@@ -20,6 +20,7 @@ from fourdfy.config import RunConfig
 from fourdfy.export.curves import curves_callback
 from fourdfy.export.outputs import write_outputs
 from fourdfy.export.validation import validation_callback
+from fourdfy.guidance.memory import explain_out_of_memory
 from fourdfy.logs import get_logger
 from fourdfy.rundir import RunDir
 from fourdfy.tracking import make_logger
@@ -51,7 +52,13 @@ def generate(cfg: RunConfig, run_dir: Path, callbacks: list[Callback] | None = N
         return _already_finished(run)
     # A branch that saved a checkpoint of its own resumes from it and no longer needs its source.
     branch = None if run.has_checkpoints() else resolve_branch(cfg)
-    with run.lock():
+    trainer = None
+
+    def where() -> str:  # for an out-of-memory message: how far the run got
+        return "building the run" if trainer is None else f"at iteration {trainer.iteration}"
+
+    # A CUDA out-of-memory error (priors' weights, a step, the exports) becomes one line naming the memory keys.
+    with run.lock(), explain_out_of_memory(cfg, where):
         if run.is_finished():  # finished by another process between the check above and the lock
             return _already_finished(run)
         trainer = build_trainer(cfg, run.path, callbacks=callbacks)

@@ -16,8 +16,9 @@ from fourdfy.checkpoint import load_latest_checkpoint
 from fourdfy.clock import Clock, Scheduled
 from fourdfy.config import GuidanceBackend, RunConfig, load_run_config
 from fourdfy.fields.background import BackgroundMLP
+from fourdfy.fields.deformation import Deformation, ProgressiveLevels
 from fourdfy.fields.dense import DenseGridEncoding3D, DenseGridEncoding4D
-from fourdfy.fields.field4d import Field4D, FieldConfig, FieldKind
+from fourdfy.fields.field4d import DynamicKind, Field4D, FieldConfig, FieldKind
 from fourdfy.fields.hashgrid import HashGridConfig, HashGridEncoding
 from fourdfy.fields.hexplane import TimePlaneEncoding, TriPlaneEncoding
 from fourdfy.guidance.base import Guidance
@@ -38,9 +39,12 @@ def build_field(cfg: FieldConfig, blob_std: Scheduled | None = None) -> tuple[Fi
     """The 4D field of ``cfg.kind`` and its background. Encodings are chosen in this one place.
 
     blob_std: the density blob's std scheduled on a run's clock (see build_trainer); None holds
-    ``cfg.heads.blob_std`` (fields used outside training).
+    ``cfg.heads.blob_std`` (fields used outside training). With ``cfg.dynamic = deformation`` its clock also
+    drives the deformation's progressive levels (stage-3 steps); None: every level active.
     """
     cfg.validate()
+    if DynamicKind(cfg.dynamic) is DynamicKind.deformation:
+        return _deformation_field(cfg, blob_std), BackgroundMLP(cfg.background)
     encodings: dict[FieldKind, Callable[[], tuple[nn.Module, nn.Module]]] = {
         FieldKind.hashgrid: lambda: (_hash_grid(cfg.static_grid, 3), _hash_grid(cfg.dynamic_grid, 4)),
         FieldKind.hexplane: lambda: (TriPlaneEncoding(cfg.hexplane), TimePlaneEncoding(cfg.hexplane)),
@@ -54,6 +58,24 @@ def build_field(cfg: FieldConfig, blob_std: Scheduled | None = None) -> tuple[Fi
     field = Field4D(static, dynamic, cfg.heads, box_radius=cfg.box_radius, checkpoint_chunk=cfg.checkpoint_chunk,
                     blob_std=blob_std)
     return field, BackgroundMLP(cfg.background)
+
+
+def _deformation_field(cfg: FieldConfig, blob_std: Scheduled | None) -> Field4D:
+    """f(x, t) = f_static(x + Δ(x, t)): the static grid of ``cfg.kind`` and the deformation network (a 4D hash
+    grid, or on the dense CPU path a dense 4D grid, then an MLP). FieldConfig.validate refuses kind=hexplane."""
+    d = cfg.deformation
+    if FieldKind(cfg.kind) is FieldKind.dense:
+        static: nn.Module = DenseGridEncoding3D(cfg.dense.resolutions, cfg.dense.n_features, cfg.dense.init_scale)
+        encoding: nn.Module = DenseGridEncoding4D(d.dense_resolutions, d.grid.n_features_per_level,
+                                                  d.dense_time_resolution, cfg.dense.init_scale)
+        n_levels = len(d.dense_resolutions)
+    else:
+        static, encoding, n_levels = _hash_grid(cfg.static_grid, 3), _hash_grid(d.grid, 4), d.grid.n_levels
+    levels = None if blob_std is None else ProgressiveLevels(blob_std.clock, d.start_level, n_levels,
+                                                             d.update_steps, d.start_step)
+    deformation = Deformation(encoding, n_levels, d.hidden_dim, d.n_hidden_layers, levels=levels)
+    return Field4D(static, None, cfg.heads, box_radius=cfg.box_radius, checkpoint_chunk=cfg.checkpoint_chunk,
+                   blob_std=blob_std, deformation=deformation)
 
 
 def build_guidances(cfg: RunConfig) -> dict[UpdateKind, Guidance]:
@@ -83,15 +105,14 @@ def build_trainer(
     cfg.validate()
     torch.manual_seed(cfg.seed)
     schedule = HybridSchedule(cfg.schedule)
-    clock = Clock()
-    blob_std = Scheduled(schedule.blob_std_ramp(cfg.field.heads.blob_std), clock)
+    clock = Clock(schedule.stages)
+    blob_std = Scheduled(schedule.blob_std_schedule(cfg.field.heads.blob_std), clock)
     field, background = build_field(cfg.field, blob_std=blob_std)
     field.to(cfg.device)
     background.to(cfg.device)
     if guidances is None:
         guidances = build_guidances(cfg)
-    sampler = StepSampler(cfg.cameras, cfg.trainer.n_frames, cfg.trainer.static_prior_time,
-                          cfg.field.background.random_color_prob)
+    sampler = StepSampler(cfg.cameras, cfg.trainer.n_frames, cfg.field.background.random_color_prob)
     return Trainer(cfg.trainer, field, background, Renderer(cfg.renderer), guidances, schedule, sampler, clock,
                    cfg.prompt, RunDir(run_dir), seed=cfg.seed, callbacks=callbacks)
 
@@ -108,9 +129,9 @@ def load_run(run_dir: Path) -> tuple[RunConfig, Field4D, BackgroundMLP, int]:
     if found is None:
         raise FileNotFoundError(f"{run.checkpoints} holds no valid checkpoint")
     state, _ = found
-    clock = Clock(max(state["iteration"] - 1, 0))
     schedule = HybridSchedule(cfg.schedule)
-    field, background = build_field(cfg.field, Scheduled(schedule.blob_std_ramp(cfg.field.heads.blob_std), clock))
+    clock = Clock(schedule.stages, max(state["iteration"] - 1, 0))
+    field, background = build_field(cfg.field, Scheduled(schedule.blob_std_schedule(cfg.field.heads.blob_std), clock))
     field.load_state_dict(state["field"])
     background.load_state_dict(state["background"])
     field.eval()

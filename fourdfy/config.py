@@ -36,6 +36,14 @@ class GuidanceBackend(StrChoice):
     real = "real"  # MVDream, Stable Diffusion 2.1 (VSD) and Zeroscope (fourdfy/guidance/)
 
 
+class WeightsSource(StrChoice):
+    """Where the real backend's networks get their weights (fourdfy/guidance/random_weights.py)."""
+
+    pretrained = "pretrained"  # the published checkpoints (hub ids or local paths under guidance.*)
+    random = "random"  # every network at full size, random weights, nothing downloaded: checks a GPU/cluster
+    random_tiny = "random_tiny"  # tiny random networks (CPU-sized): the same pipeline in seconds, for tests
+
+
 @dataclass
 class GuidanceConfig:
     """Which priors drive the optimisation."""
@@ -49,6 +57,8 @@ class GuidanceConfig:
     # amplification (the authors' newer recipe, configs/fourdfy_stage_3_vc.yaml).
     video_prior: VideoPrior = VideoPrior.zeroscope
     videocrafter2: VideoCrafter2Config = dc_field(default_factory=VideoCrafter2Config)  # when video_prior=videocrafter2
+    # Real backend: pretrained weights, or random ones (full size or tiny) to test a machine before downloading.
+    weights: WeightsSource = WeightsSource.pretrained
 
 
 @dataclass

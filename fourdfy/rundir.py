@@ -32,7 +32,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fourdfy.atomic import atomic_path, write_json_atomic, write_text_atomic
 from fourdfy.checkpoint import list_checkpoints
+from fourdfy.fields.deformation import DeformationConfig
 from fourdfy.guidance.configs import VideoCrafter2Config, VideoPrior
+from fourdfy.render.volume import AuthorsMarchingConfig
 from fourdfy.runlock import RunLock, hold_lock
 
 if TYPE_CHECKING:  # fourdfy.config gathers every module's config, the trainer's too, which uses this module
@@ -61,6 +63,17 @@ NEUTRAL_NEW_KEYS: dict[str, Any] = {
     "init_at": None,
     "guidance.video_prior": VideoPrior.zeroscope,
     "guidance.videocrafter2": asdict(VideoCrafter2Config()),
+    "field.dynamic": "grid",  # fourdfy.fields.field4d.DynamicKind.grid (a str enum): summed 4D features
+    "field.deformation": asdict(DeformationConfig()),  # read only when field.dynamic=deformation
+    "guidance.weights": "pretrained",  # fourdfy.config.WeightsSource.pretrained (a str enum; config imports us)
+    "renderer.marching": "uniform",  # fourdfy.render.volume.MarchingMode.uniform: the marching before #15
+    "renderer.authors": asdict(AuthorsMarchingConfig()),  # read only when renderer.marching=authors
+    "guidance.sd_vsd.train_lora": True,  # the LoRA always trained before the switch existed
+    "schedule.reset_optimizer_at_stage_start": False,  # the behaviour before #15 (the default is now True)
+    "schedule.freeze_static_modules": False,  # new switch; off is the behaviour before it
+    "trainer.lambda_deformation": 0.0,  # new term; only a deformation field has it
+    "trainer.static_stages": [],  # before #15 no stage rendered t = 0 unless trainer.static_prior_time said so
+    "field.background.sh_degree": 4,  # the 16 coefficients before #15 (the default is now 3)
 }
 
 

@@ -19,6 +19,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from dataclasses import field as dc_field
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +28,16 @@ from torch import nn
 from tqdm import tqdm
 
 from fourdfy.checkpoint import link_checkpoint, load_checkpoint, load_latest_checkpoint, save_checkpoint
-from fourdfy.clock import Clock
+from fourdfy.clock import Clock, Moment, StageSchedule
+from fourdfy.fields.deformation import deformation_tv
+from fourdfy.fields.field4d import Field4D
 from fourdfy.guidance.base import Guidance
 from fourdfy.hybrid import HybridSchedule
 from fourdfy.kinds import ParamGroup, UpdateKind
 from fourdfy.logs import get_logger
 from fourdfy.losses import regularisers
 from fourdfy.preemption import checkpoint_on_signal
-from fourdfy.render.volume import Renderer
+from fourdfy.render.volume import MarchingMode, Renderer
 from fourdfy.rundir import RunDir
 from fourdfy.sampling import StepSampler
 from fourdfy.tracking import Logger, NullLogger
@@ -47,10 +50,21 @@ class TrainerConfig:
     """Loop settings: frame times, regulariser weights, optimiser, checkpoints, occupancy-grid updates."""
 
     n_frames: int = 16  # time grid: frame k at t0 + k/16, t0 ~ U(0, 1/16) (authors' data config)
-    static_prior_time: float | None = None  # None: 3D/IMG steps use one of the 16 frame times (authors);
-    # a number: always render 3D/IMG steps at that time (the toy priors' data exist only at t = 0)
-    lambda_sparsity: float = 10.0  # sparsity 10·mean(√(opacity² + 0.01)) (authors' loss.lambda_sparsity)
-    lambda_opacity_entropy: float = 1000.0  # binary entropy of opacity from stage 2 (loss.lambda_opaque)
+    # Stages whose 3D/IMG steps render time 0: configs/fourdfy_stage_{1,2}.yaml data.single_view.static: true
+    # (the time input is 0 there); stage 3 (static: false) renders one of the 16 frame times.
+    static_stages: list[int] = dc_field(default_factory=lambda: [1, 2])
+    static_prior_time: float | None = None  # None: as static_stages says (authors); a number: always render
+    # 3D/IMG steps at that time, in every stage (the toy priors' data exist only at t = 0)
+    # Regulariser weights as functions of (stage, stage-local step) (fourdfy/clock.py StageSchedule: a number,
+    # a ramp [start_step, start_value, end_value, end_step], or three of those, one per stage).
+    lambda_sparsity: Any = 10.0  # configs/fourdfy_stage_{1,2,3}.yaml system.loss.lambda_sparsity: 10.
+    # Binary entropy of the opacity: system.loss.lambda_opaque: [10000, 0.0, 1000.0, 10001] in all three stage
+    # files, on each stage's own step: never in stage 1 (10k steps), from step 10,001 of stages 2 and 3.
+    lambda_opacity_entropy: Any = dc_field(default_factory=lambda: [10000, 0.0, 1000.0, 10001])
+    # TV of the rendered deformation Δ over a video step's frames, rows and columns (field.dynamic=deformation
+    # only): system.loss.lambda_deformation, 0. in the stage-1/2 files, 100. in configs/fourdfy_stage_3_vc_
+    # deformation.yaml (fourdfy/fields/deformation.py deformation_tv).
+    lambda_deformation: Any = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.99)  # optimizer.args.betas
     adam_eps: float = 1e-15  # optimizer.args.eps
     weight_decay: float = 0.01  # torch AdamW default, which the authors' configs leave in place
@@ -72,6 +86,11 @@ class TrainerConfig:
         """Raise ValueError naming the key for a value out of range."""
         if self.n_frames < 1:
             raise ValueError(f"trainer.n_frames must be >= 1, got {self.n_frames}")
+        if any(s not in (1, 2, 3) for s in self.static_stages):
+            raise ValueError(f"trainer.static_stages must list stages among 1, 2, 3, got {self.static_stages}")
+        for key in ("lambda_sparsity", "lambda_opacity_entropy", "lambda_deformation"):
+            if any(v < 0 for v in self.loss_weight(key).values()):
+                raise ValueError(f"trainer.{key} must stay >= 0, got {getattr(self, key)}")
         if self.static_prior_time is not None and not 0.0 <= self.static_prior_time <= 1.0:
             raise ValueError(f"trainer.static_prior_time must be in [0, 1] or null, got {self.static_prior_time}")
         if self.checkpoint_every < 1:
@@ -86,6 +105,10 @@ class TrainerConfig:
         if self.occupancy_times < 2:
             raise ValueError(f"trainer.occupancy_times must be >= 2 (t = 0 and t = 1 at least), "
                              f"got {self.occupancy_times}")
+
+    def loss_weight(self, key: str) -> StageSchedule:
+        """The stage schedule of a ``lambda_*`` regulariser weight (ValueError naming the key)."""
+        return StageSchedule.parse(getattr(self, key), f"trainer.{key}")
 
 
 Callback = Callable[["Trainer", int], None]
@@ -142,7 +165,10 @@ class Trainer:
                              "set trainer.n_frames to match (checked now, not at the first video step)")
         self.groups = field.param_groups()
         self.groups[ParamGroup.HEADS] = self.groups[ParamGroup.HEADS] + list(background.parameters())
-        lrs = schedule.lr(0)
+        self.loss_weights = {"sparsity": cfg.loss_weight("lambda_sparsity"),
+                             "opacity_entropy": cfg.loss_weight("lambda_opacity_entropy"),
+                             "deformation": cfg.loss_weight("lambda_deformation")}
+        lrs = schedule.lr(schedule.stages.first_stage())
         self.optimizer = torch.optim.AdamW(
             # Group names as plain strings: the optimiser's state dict goes into checkpoints.
             [{"params": params, "lr": lrs[name], "name": name.value} for name, params in self.groups.items()],
@@ -232,7 +258,7 @@ class Trainer:
         at that one time. Between probe times, the grid's dilation covers motion of up to a cell.
         """
         probs = self.schedule.probabilities(stage)
-        static_time = self.cfg.static_prior_time
+        static_time = self.static_time(stage)
         times = []
         if probs[UpdateKind.VIDEO] > 0 or static_time is None:
             times += torch.linspace(0.0, 1.0, self.cfg.occupancy_times).tolist()
@@ -240,9 +266,37 @@ class Trainer:
             times.append(static_time)
         return torch.tensor(sorted(set(times)))  # static_time may be a linspace time
 
-    def _update_occupancy(self, it: int, stage: int) -> None:
-        """Rebuild the renderer's occupancy grid (if it has one) when ``it`` is an update iteration."""
-        if self.renderer.occupancy is None or it < self.cfg.occupancy_warmup:
+    def static_time(self, stage: int) -> float | None:
+        """The time 3D/IMG steps of ``stage`` render at; None: one of the frame times (fourdfy/sampling.py)."""
+        if self.cfg.static_prior_time is not None:
+            return self.cfg.static_prior_time
+        return 0.0 if stage in self.cfg.static_stages else None
+
+    def start_stage(self) -> None:
+        """A fresh optimiser state for the field and every prior, as the authors' next stage run has
+        (schedule.reset_optimizer_at_stage_start). Learning rates are set per step, so only the state goes."""
+        self.optimizer.state.clear()
+        for g in self.guidances.values():
+            g.reset_optimizer()
+
+    def _update_occupancy(self, moment: Moment) -> None:
+        """Update the renderer's occupancy grid (if it has one) when this is an update iteration.
+
+        renderer.marching=authors: nerfacc's EMA update every occupancy_every steps of each stage from its
+        step 0 (each stage is a new run for the authors: the warm-up of renderer.authors.grid_warmup restarts
+        too), probing at random cells/points/times drawn from the trainer's generator (checkpointed, so resume
+        stays exact). uniform: a full rebuild after trainer.occupancy_warmup global iterations, at every multiple
+        of occupancy_every and at each stage start; no random numbers.
+        """
+        if self.renderer.occupancy is None:
+            return
+        it, stage = moment.iteration, moment.stage
+        if MarchingMode(self.renderer.cfg.marching) is MarchingMode.authors:
+            if moment.stage_step % self.cfg.occupancy_every == 0:
+                self.renderer.update_occupancy(self.field, self._occupancy_times(stage), device=self.device,
+                                               iteration=moment.stage_step, generator=self.generator)
+            return
+        if it < self.cfg.occupancy_warmup:
             return
         stage_start = it in (0, *self.schedule.stage_ends)
         if it % self.cfg.occupancy_every == 0 or it == self.cfg.occupancy_warmup or stage_start:
@@ -255,28 +309,41 @@ class Trainer:
         """Run iteration ``self.iteration``; returns its scalars."""
         it = self.iteration
         self.clock.iteration = it  # before anything reads a scheduled quantity (the field's blob std)
-        stage = self.schedule.stage(it)
+        moment: Moment = self.schedule.moment(it)
+        stage = moment.stage
+        if self.schedule.cfg.reset_optimizer_at_stage_start and self.schedule.is_stage_start(it):
+            self.start_stage()
         kind = UpdateKind(self.schedule.kind(it, self.generator))
         guidance = self.guidances[kind]
-        trainable = self.schedule.trainable(kind)
-        lrs = self.schedule.lr(it)
+        trainable = self.schedule.trainable(kind, stage)
+        lrs = self.schedule.lr(stage)
         for group in self.optimizer.param_groups:
             group["lr"] = lrs[group["name"]]
         for name, params in self.groups.items():
             for p in params:  # frozen groups get no gradient at all: AdamW then leaves them untouched
                 p.requires_grad_(trainable[name])
-        # After the clock: the grid sees the field this iteration renders. Uses no random numbers.
-        self._update_occupancy(it, stage)
+        # After the clock: the grid sees the field this iteration renders.
+        self._update_occupancy(moment)
 
         # Random draws stay on the CPU generator (exact resume); tensors then go to the field's device.
-        inputs = self.sampler.sample(guidance.n_views, guidance.is_video, self.background, self.generator)
+        # MVDream: 8 views (two groups of 4) and 64² renders in the first 5000 steps of stage 1 (authors).
+        n_groups = guidance.batch_size(moment) // guidance.n_views
+        inputs = self.sampler.sample(guidance.n_views, guidance.is_video, self.background, self.generator,
+                                     static_time=self.static_time(stage), n_groups=n_groups)
         inputs = inputs.to(self.device)
-        h, w = guidance.render_size(it)  # MVDream renders 64² for its first 5000 steps
+        h, w = guidance.render_size(moment)
+        weights = {name: schedule.at(moment) for name, schedule in self.loss_weights.items()}
+        # The rendered deformation map of a video step, for its TV (the authors' lambda_deformation).
+        deforms = guidance.is_video and weights["deformation"] > 0 and isinstance(self.field, Field4D) \
+            and self.field.deformation is not None
         out = self.renderer.render(self.field, inputs.cameras, inputs.times, h, w, background=inputs.background,
-                                   generator=self.generator, train=True)
-        g_out = guidance(out["rgb"], self.prompt, inputs.cameras, inputs.times, it)
-        losses = {"guidance": g_out.loss, **regularisers(out["opacity"], stage, self.cfg.lambda_sparsity,
-                                                         self.cfg.lambda_opacity_entropy)}
+                                   generator=self.generator, train=True,
+                                   aux=self.field.displacement if deforms else None)
+        g_out = guidance(out["rgb"], self.prompt, inputs.cameras, inputs.times, moment)
+        losses = {"guidance": g_out.loss, **regularisers(out["opacity"], weights["sparsity"],
+                                                         weights["opacity_entropy"])}
+        if deforms:
+            losses["deformation"] = weights["deformation"] * deformation_tv(out["aux"])
         loss = sum(losses.values())
 
         self.optimizer.zero_grad(set_to_none=True)
@@ -288,14 +355,15 @@ class Trainer:
             self.optimizer.step()
             # Every prior's own trainable state (VSD's LoRA) learns from this step's renders; {} for priors
             # without any. The latents of this call are handed over so they are not encoded twice.
-            g_out.stats.update(guidance.finetune_step(out["rgb"].detach(), self.prompt, inputs.cameras, it,
+            g_out.stats.update(guidance.finetune_step(out["rgb"].detach(), self.prompt, inputs.cameras, moment,
                                                       latents=g_out.latents))
         else:  # NaN/Inf: never written into the field; counted and logged
             self.skipped_steps += 1
             self.optimizer.zero_grad(set_to_none=True)
         self.iteration += 1
         return {
-            "iteration": it, "stage": stage, "kind": kind.value, "loss": float(loss.detach()),
+            "iteration": it, "stage": stage, "stage_step": moment.stage_step, "kind": kind.value,
+            "loss": float(loss.detach()),
             **{f"loss/{name}": float(v.detach()) for name, v in losses.items()},
             **{f"{kind}/{k}": v for k, v in g_out.stats.items()},
             **{f"lr/{name}": v for name, v in lrs.items()},

@@ -22,6 +22,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from scipy.stats import chisquare
+from scipy.stats import t as t_dist
 
 from ablations import collect
 from ablations.table2 import ROWS
@@ -197,10 +198,13 @@ def test_userstudy_shares_merge_into_the_table(sweep: Path) -> None:
     assert math.isnan(_row(table, "full")["AQ"])  # the reference method has no share against itself
 
     md = result.files["md"].read_text()
-    assert "| w/o ∇L_3D |" in md and "75%" in md and "no runs" in md
+    assert "| w/o ∇L_3D |" in md and "no runs" in md
+    # χ² against 50/50 (eval.stats): 3 of 4 has p = 0.32, 4 of 4 has p = 0.046 (marked).
+    assert "| 75% | 100%* | 100%* | 100%* | 100%* |" in md and "*: χ² test against 50/50 at p < 0.05" in md
     assert f"**failed** — {FAIL_MESSAGE}" in md and "**missing**" in md
     tex = result.files["tex"].read_text()
-    assert r"w/o $\nabla_{\theta} \mathcal{L}_{3D}$" in tex and r"75\%" in tex and r"\multicolumn{4}{c}{Human" in tex
+    assert r"w/o $\nabla_{\theta} \mathcal{L}_{3D}$" in tex and r"\multicolumn{4}{c}{Human" in tex
+    assert r"75\% & 100\%$^*$" in tex
     assert iio.imread(result.files["png"]).ndim == 3
 
 
@@ -270,6 +274,9 @@ def test_one_row_per_configuration_with_the_swept_keys_and_mean_sd_over_seeds(tm
     row = table.loc["schedule.p_3d=0.3"]
     assert (row["expected"], row["finished"], row["psnr_n"]) == (3, 3, 3)  # pooled: both prompts, both seeds
     assert row["psnr"] == pytest.approx(24.0) and row["psnr_std"] == pytest.approx(5.291502622, rel=1e-9)
+    # 95% t interval of 20, 22, 30: 24 ± t_{2, 0.975} · s / √3 (scipy).
+    half = t_dist.ppf(0.975, 2) * 5.291502622 / 3 ** 0.5
+    assert (row["psnr_low"], row["psnr_high"]) == (pytest.approx(24.0 - half), pytest.approx(24.0 + half))
     assert table.loc["schedule.p_3d=0.7", "psnr_n"] == 1 and math.isnan(table.loc["schedule.p_3d=0.7", "psnr_std"])
 
     per_prompt = result.by_prompt.set_index(["tag", "prompt"])
@@ -283,8 +290,13 @@ def test_one_row_per_configuration_with_the_swept_keys_and_mean_sd_over_seeds(tm
     assert status[stamped][0] == collect.MISMATCHED and "fingerprint.json (0123456789abcdef)" in status[stamped][1]
     md = result.files["md"].read_text()
     assert "| Method | Config | `p_3d` | GT err. (combined) ↓ | PSNR ↑ |" in md
-    assert "| 4D-fy | schedule.p_3d=0.3 | 0.3 | " in md and "| 24.00 ± 5.29 |" in md and "| 3/3 |" in md
-    assert "Per prompt (mean ± standard deviation over seeds):" in md and "| 21.00 ± 1.41 |" in md
+    assert "| 4D-fy | schedule.p_3d=0.3 | 0.3 | " in md and f"| 24.00 ± {half:.2f} |" in md and "| 3/3 |" in md
+    assert "| 4D-fy | schedule.p_3d=0.7 | 0.7 | " in md and "| 25.00 |" in md  # one run: no interval
+    assert "mean ± half-width of the 95% CI" in md
+    # 20, 22 over seeds: 21 ± t_{1, 0.975} · √2 / √2 = 12.71.
+    assert "Per prompt (mean ± 95% CI half-width over seeds; no paired tests):" in md
+    assert f"| 21.00 ± {t_dist.ppf(0.975, 1):.2f} |" in md
+    assert len(result.paired) == 0  # every row is `full`: nothing to compare
     assert f"- {moved}: **mismatched**" in md and f"- {edited}: **mismatched**" in md
     assert "99.00" not in md and "98.00" not in md and "97.00" not in md
 
@@ -302,3 +314,154 @@ def test_clip_scores_join_the_table_when_asked(sweep: Path) -> None:
     assert saved["settings"]["pretrained"] is None and 0.0 <= saved["values"]["clip"] <= 100.0
     md = result.files["md"].read_text()
     assert "CLIP ↑" in md and "CLIP (paper)" in md and "| 4D-fy | " + f"{full['clip']:.1f}" in md
+
+
+# ----------------------------------------------------------------------------------------------
+# Intervals and paired comparisons with the full model, on fabricated run records
+
+PROMPTS = (BALL, CUBE, "a green cone rolling")
+
+
+def _gt_record(variant: str, prompt: str, seed: int, gt_error: float, psnr: float) -> collect.RunRecord:
+    """A finished toy run as find_runs + ensure_metrics would leave it (no directory: collect is stubbed)."""
+    return collect.RunRecord(variant, prompt, seed, collect.FINISHED, None, backend="synthetic", preset="smoke",
+                             tag="default", metrics={"gt_error": gt_error, "psnr": psnr})
+
+
+def _fabricated() -> list[collect.RunRecord]:
+    """full, no_3d (worse on every (prompt, seed) pair), no_vsd (noise), hexplane (one run); unmatched runs: a
+    no_vsd seed 2 and a full seed 2 with no partner. A real-prompt block (preset paper): CLIP, 6 prompts, full with
+    2 seeds a prompt, no_image_guidance with 1."""
+    records = []
+    for i, prompt in enumerate(PROMPTS):
+        for seed in (0, 1):
+            base, psnr = 0.10 + 0.02 * i + 0.005 * seed, 20.0 + i + 0.5 * seed
+            records.append(_gt_record("full", prompt, seed, base, psnr))
+            records.append(_gt_record("no_3d", prompt, seed, base + 0.03 + 0.001 * (i + seed), psnr - 1.5 - 0.1 * i))
+            records.append(_gt_record("no_vsd", prompt, seed, base + NOISE[2 * i + seed], psnr + NOISE[2 * i + seed]))
+    records.append(_gt_record("no_vsd", BALL, 2, 0.5, 10.0))  # no full seed 2 for BALL: dropped
+    records.append(_gt_record("full", CUBE, 2, 0.5, 10.0))  # no ablation has CUBE seed 2: dropped
+    records.append(_gt_record("hexplane", BALL, 0, 0.2, 19.0))  # one pair: no interval, p = 1
+    lone = _gt_record("no_hybrid", BALL, 0, 0.3, 18.0)
+    lone.tag = "schedule.p_3d=0.3"  # no full run with this tag: nothing to pair with
+    records.append(lone)
+    for k in range(6):
+        for seed in (0, 1):
+            records.append(collect.RunRecord("full", f"prompt {k}", seed, collect.FINISHED, None, backend="real",
+                                             preset="paper", tag="default", metrics={"clip": 30.0 + k + seed}))
+        records.append(collect.RunRecord("no_image_guidance", f"prompt {k}", 0, collect.FINISHED, None,
+                                         backend="real", preset="paper", tag="default",
+                                         metrics={"clip": 27.0 + k + 0.1 * k * k}))
+    return records
+
+
+NOISE = (0.004, -0.003, 0.001, -0.005, 0.002, -0.001)  # no_vsd − full on the six matched pairs
+
+
+@pytest.fixture
+def fabricated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> collect.CollectResult:
+    records = _fabricated()
+    monkeypatch.setattr(collect, "find_runs", lambda root: records)
+    monkeypatch.setattr(collect, "ensure_metrics", lambda record, options, clip: None)
+    return collect.collect(tmp_path, collect.CollectOptions(out_dir=tmp_path / "out"))
+
+
+def _values(variant: str, key: str, preset: str = "smoke") -> list[float]:
+    return [r.metrics[key] for r in _fabricated() if (r.preset, r.variant) == (preset, variant) and key in r.metrics]
+
+
+def _by_unit(variant: str, key: str) -> dict[tuple[str, int], float]:
+    """(prompt, seed) -> value of the smoke-preset runs of ``variant``."""
+    return {(r.prompt, r.seed): r.metrics[key] for r in _fabricated()
+            if (r.preset, r.variant) == ("smoke", variant) and key in r.metrics}
+
+
+def test_rows_report_t_intervals_computed_by_eval_paired(fabricated: collect.CollectResult) -> None:
+    from eval.paired import mean_interval
+
+    table = fabricated.table.set_index(["preset", "variant"])
+    for variant in ("full", "no_3d", "no_vsd"):
+        row, ref = table.loc[("smoke", variant)], mean_interval(_values(variant, "gt_error"))
+        assert (row["gt_error"], row["gt_error_low"], row["gt_error_high"], row["gt_error_n"]) == pytest.approx(
+            (ref.mean, ref.low, ref.high, ref.n), rel=1e-12)
+    hexplane = table.loc[("smoke", "hexplane")]
+    assert hexplane["gt_error_n"] == 1 and math.isnan(hexplane["gt_error_low"])
+    on_disk = pd.read_csv(fabricated.files["csv"])
+    assert {"gt_error_low", "gt_error_high", "gt_error_n", "gt_error_std", "clip_low"} <= set(on_disk.columns)
+    # Whiskers only where n >= 2: not hexplane (one run), not the paper-preset rows (no gt_error).
+    metric = next(m for m in collect.METRICS if m.key == "gt_error")
+    rows = list(fabricated.table["variant"] + "/" + fabricated.table["preset"])
+    assert [rows[i] for i, _, _ in collect.error_bars(fabricated.table, metric)] == [
+        "full/smoke", "no_3d/smoke", "no_vsd/smoke"]
+    assert iio.imread(fabricated.files["png"]).ndim == 3
+
+
+def test_paired_comparisons_with_the_full_model(fabricated: collect.CollectResult) -> None:
+    from eval.paired import paired_test
+
+    paired = pd.read_csv(fabricated.files["paired"], keep_default_na=False, na_values=[""])
+    assert {"row", "metric", "diff", "low", "high", "p", "n_pairs"} <= set(paired.columns)
+    line = paired.set_index(["variant", "metric"])
+    units = [(p, s) for p in PROMPTS for s in (0, 1)]
+
+    def expected(variant: str, key: str) -> tuple:
+        ours, full = _by_unit(variant, key), _by_unit("full", key)
+        return paired_test([ours[u] for u in units], [full[u] for u in units])
+
+    for variant in ("no_3d", "no_vsd"):
+        for key in ("gt_error", "psnr"):
+            ref, got = expected(variant, key), line.loc[(variant, key)]
+            assert got["n_pairs"] == 6 and got["unit"] == "prompt, seed"
+            assert (got["diff"], got["low"], got["high"], got["p"]) == pytest.approx(
+                (ref.diff, ref.low, ref.high, ref.p_value), rel=1e-9)
+    # no_3d is worse on all six pairs: the exact sign-flip p is 2/2^6. no_vsd is noise (signs +-+-+-).
+    assert line.loc[("no_3d", "gt_error"), "p"] == 2 / 64 and line.loc[("no_3d", "psnr"), "p"] == 2 / 64
+    assert line.loc[("no_vsd", "gt_error"), "p"] > 0.5
+    assert line.loc[("no_3d", "gt_error"), "low"] > 0 and line.loc[("no_3d", "psnr"), "high"] < 0
+
+    # Unmatched runs are dropped and named.
+    assert line.loc[("no_3d", "gt_error"), "dropped"] == 1 and line.loc[("no_vsd", "gt_error"), "dropped"] == 2
+    assert line.loc[("no_vsd", "gt_error"), "note"] == (
+        f"dropped 2 unmatched (no_vsd only: {BALL!r} seed 2; full only: {CUBE!r} seed 2)")
+    hexplane = line.loc[("hexplane", "gt_error")]
+    assert (hexplane["n_pairs"], hexplane["p"]) == (1, 1.0) and math.isnan(hexplane["low"])
+
+    # CLIP on real runs: paired over prompts, full's two seeds averaged per prompt.
+    clip = line.loc[("no_image_guidance", "clip")]
+    ablation = [27.0 + k + 0.1 * k * k for k in range(6)]
+    full = [(30.0 + k + 31.0 + k) / 2 for k in range(6)]
+    ref = paired_test(ablation, full)
+    assert (clip["unit"], clip["n_pairs"], clip["dropped"]) == ("prompt", 6, 0)
+    assert (clip["diff"], clip["low"], clip["high"], clip["p"]) == pytest.approx(
+        (ref.diff, ref.low, ref.high, ref.p_value), rel=1e-9)
+    assert clip["p"] == 2 / 64  # differences 0.1 k² − 3.5 < 0 for k = 0..5: one sign, 2 of 2^6 patterns
+    lone = line.loc[("no_hybrid", "gt_error")]
+    assert lone["n_pairs"] == 0 and math.isnan(lone["p"])
+    assert lone["note"] == "no full run with preset smoke and tag schedule.p_3d=0.3: nothing to pair with"
+    # full is the reference, not compared with itself
+    assert set(paired["variant"]) == {"no_3d", "no_vsd", "hexplane", "no_hybrid", "no_image_guidance"}
+
+
+def test_markdown_and_latex_mark_significant_differences(fabricated: collect.CollectResult) -> None:
+    from eval.paired import mean_interval, paired_test
+
+    md = fabricated.files["md"].read_text()
+    main_table = md.split("\n\n")[0].splitlines()  # the pooled table, before the legend and the per-prompt one
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in main_table}
+    gt = mean_interval(_values("no_3d", "gt_error"))
+    assert f"| {gt.mean:.4f} ± {(gt.high - gt.low) / 2:.4f}* |" in lines["w/o ∇L_3D"]
+    noise = mean_interval(_values("no_vsd", "gt_error"))
+    assert f"| {noise.mean:.4f} ± {(noise.high - noise.low) / 2:.4f} |" in lines["w/o ∇L_IMG"]
+    assert "| Δ GT err. (combined) vs 4D-fy |" in md
+    ours, full = _by_unit("no_3d", "gt_error"), _by_unit("full", "gt_error")
+    d = paired_test([ours[u] for u in ours], [full[u] for u in ours])  # full's unmatched CUBE seed 2 left out
+    assert f"| {d.diff:+.4f} ± {(d.high - d.low) / 2:.4f} (p = 0.031)* |" in lines["w/o ∇L_3D"]
+    assert "*: differs from `full` (same preset and config) at p < 0.05: two-sided paired sign-flip" in md
+    assert "With fewer than 6 pairs (w/ HexPlane) no difference can reach p < 0.05: the smallest exact p is 2/2^n " \
+           "(0.0625 for 5 pairs)" in md
+    assert (f"- w/o ∇L_IMG (gt_error, psnr): dropped 2 unmatched (no_vsd only: {BALL!r} seed 2; "
+            f"full only: {CUBE!r} seed 2)") in md
+    tex = fabricated.files["tex"].read_text()
+    assert "95\\% CI" in tex and r"$\Delta$ GT err. (combined)" in tex
+    assert f"{gt.mean:.4f} $\\pm$ {(gt.high - gt.low) / 2:.4f}$^*$" in tex
+    assert f"{noise.mean:.4f} $\\pm$ {(noise.high - noise.low) / 2:.4f} &" in tex

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fourdfy.build import build_field
-from fourdfy.fields.background import BackgroundMLP, spherical_harmonics_deg3
+from fourdfy.fields.background import BackgroundConfig, BackgroundMLP, spherical_harmonics
 from fourdfy.fields.field4d import FieldConfig
 from fourdfy.fields.hashgrid import HashGridConfig
 from fourdfy.render.trajectories import orbit_cameras
@@ -67,10 +67,22 @@ def test_background_sh_basis_is_orthonormal_on_the_sphere():
     gen = torch.Generator().manual_seed(0)
     d = torch.randn(400_000, 3, generator=gen, dtype=torch.float64)
     d = d / d.norm(dim=-1, keepdim=True)
-    y = spherical_harmonics_deg3(d)
+    y = spherical_harmonics(d)
     gram = 4 * torch.pi * (y.T @ y) / d.shape[0]
     torch.testing.assert_close(gram, torch.eye(16, dtype=torch.float64), atol=0.03, rtol=0)
     assert BackgroundMLP()(d[:5].float()).shape == (5, 3)
+
+
+def test_background_uses_the_authors_nine_sh_coefficients():
+    # Issue #15 row 8: tcnn SphericalHarmonics degree 3 (neural_environment_map_background.py) = 9 terms, the
+    # first 9 of degree 4's 16, band by band.
+    d = torch.nn.functional.normalize(torch.randn(7, 3, dtype=torch.float64), dim=-1)
+    assert spherical_harmonics(d, 3).shape == (7, 9)
+    torch.testing.assert_close(spherical_harmonics(d, 3), spherical_harmonics(d, 4)[:, :9], rtol=0, atol=0)
+    assert BackgroundConfig().sh_degree == 3
+    assert BackgroundMLP().mlp[0].in_features == 9
+    with pytest.raises(ValueError, match="field.background.sh_degree"):
+        BackgroundMLP(BackgroundConfig(sh_degree=5))
 
 
 def test_field_rejects_bad_shapes():
@@ -79,3 +91,20 @@ def test_field_rejects_bad_shapes():
         field(torch.zeros(4, 2), torch.zeros(4))
     with pytest.raises(ValueError, match="t must have shape"):
         field(torch.zeros(4, 3), torch.zeros(5))
+
+
+def test_hexplane_matches_the_hash_grids_parameter_count_within_5_percent():
+    # Issue #15 row 10 / paper §4.3: the HexPlane ablation is memory-matched to the hash grids at paper size.
+    from fourdfy.build import build_field
+    from fourdfy.fields.field4d import FieldConfig, FieldKind
+
+    def n_grid_params(kind: FieldKind) -> int:
+        field, _ = build_field(FieldConfig(kind=kind))
+        return sum(p.numel() for m in (field.static_encoding, field.dynamic_encoding) for p in m.parameters())
+
+    hash_count = n_grid_params(FieldKind.hashgrid)
+    hex_count = n_grid_params(FieldKind.hexplane)
+    # Independently: tcnn layout of 16 levels, 2 features, 2^19 entries; planes 3·8·r² + 3·8·r·64 per scale.
+    assert hex_count == sum(24 * r * r + 24 * r * 64 for r in (112, 224, 448, 896)) == 28_170_240
+    assert hash_count == 28_074_608
+    assert abs(hex_count / hash_count - 1) < 0.05

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 import fourdfy.fields.field4d as field4d_module
 from bench.field_memory import profiled_memory
 from fourdfy.build import build_field
-from fourdfy.clock import Clock, LinearRamp, Scheduled
+from fourdfy.clock import Clock, LinearRamp, Scheduled, StageSchedule
 from fourdfy.config import RunConfig
 from fourdfy.fields.dense import DenseGridConfig
 from fourdfy.fields.field4d import Field4D, FieldConfig
@@ -208,7 +208,7 @@ def test_blob_std_of_the_forward_is_used_in_the_recomputation() -> None:
     for label, chunk, it_forward, it_backward in [("plain_0.5", None, 10, 10), ("plain_3", None, 11, 11),
                                                   ("ckpt_changed", CHUNK, 10, 11)]:
         clock = Clock()
-        field = _field("hashgrid", chunk, blob_std=Scheduled(ramp, clock))
+        field = _field("hashgrid", chunk, blob_std=Scheduled(StageSchedule((ramp, ramp, ramp)), clock))
         x, t, wd, wc = _inputs(n)
         x.requires_grad_(True)
         clock.iteration = it_forward

@@ -11,6 +11,7 @@ import pytest
 import torch
 from helpers.tiny_models import save_tiny_sd, tiny_sd_vsd_config
 
+from fourdfy.clock import Moment
 from fourdfy.guidance.base import Guidance
 from fourdfy.guidance.configs import SDVSDConfig, ViewPromptConfig
 from fourdfy.guidance.sd_vsd import SDVSDGuidance
@@ -20,6 +21,11 @@ from fourdfy.render.cameras import Cameras, cameras_from_spherical
 pytestmark = pytest.mark.numerics  # floats against references: .ci/run reruns these on other SIMD kernels
 
 PROMPT = "a panda eating ice cream"
+
+
+def S2(step: int) -> Moment:
+    """A stage-2 moment at a stage-local step."""
+    return Moment(step, 2, step)
 
 
 def _alphas_cumprod_numpy() -> np.ndarray:
@@ -82,7 +88,7 @@ def test_prompt_embeddings_are_cached(vsd: SDVSDGuidance) -> None:
 
 def test_too_long_prompt_is_a_clear_error(vsd: SDVSDGuidance) -> None:
     with pytest.raises(ValueError, match="at most 77"):
-        vsd(torch.rand(1, 32, 32, 3), "a very " * 40 + "long prompt", _camera(), torch.zeros(1), 0)
+        vsd(torch.rand(1, 32, 32, 3), "a very " * 40 + "long prompt", _camera(), torch.zeros(1), S2(0))
 
 
 # ---------------------------------------------------------------- VSD loss
@@ -91,7 +97,9 @@ def test_too_long_prompt_is_a_clear_error(vsd: SDVSDGuidance) -> None:
 def test_is_a_guidance_with_the_authors_defaults(vsd: SDVSDGuidance) -> None:
     assert isinstance(vsd, Guidance)
     assert vsd.n_views == 1 and vsd.native_size == (32, 32) and not vsd.is_video
-    assert (vsd.min_step, vsd.max_step) == (20, 500)
+    assert vsd.timestep_range(S2(0)) == (20, 980) and vsd.timestep_range(S2(5000)) == (20, 980)
+    assert vsd.timestep_range(S2(5001)) == (20, 500)  # max_step_percent_annealed after anneal_start_step
+    assert vsd.timestep_range(Moment(0, 3, 0)) == (20, 500)
     assert vsd.lora_v_prediction and not vsd.shared
     cfg = SDVSDConfig()
     assert (cfg.guidance_scale, cfg.lora_rank, cfg.lora_lr, cfg.render_size, cfg.image_size) == (
@@ -107,7 +115,7 @@ def test_is_a_guidance_with_the_authors_defaults(vsd: SDVSDGuidance) -> None:
 
 def test_call_gives_finite_loss_and_gradient_on_renders(vsd: SDVSDGuidance) -> None:
     renders = torch.rand(1, 32, 32, 3, requires_grad=True)
-    out = vsd(renders, PROMPT, _camera(), torch.zeros(1), step=0)
+    out = vsd(renders, PROMPT, _camera(), torch.zeros(1), step=S2(5001))  # t_max annealed to 0.5 after 5000
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     out.loss.backward()
     assert torch.isfinite(renders.grad).all() and renders.grad.abs().sum() > 0
@@ -158,8 +166,8 @@ def test_finetune_trains_lora_and_camera_embedding_only(vsd: SDVSDGuidance) -> N
     frozen_before = {k: v.detach().clone() for k, v in _frozen_params(vsd).items()}
     renders = torch.rand(1, 32, 32, 3)
     for step in range(3):
-        out = vsd(renders, PROMPT, _camera(), torch.zeros(1), step)
-        stats = vsd.finetune_step(renders, PROMPT, _camera(), step, latents=out.latents)
+        out = vsd(renders, PROMPT, _camera(), torch.zeros(1), S2(step))
+        stats = vsd.finetune_step(renders, PROMPT, _camera(), S2(step), latents=out.latents)
         assert np.isfinite(stats["lora_loss"]) and np.isfinite(out.loss.item())
     assert len(lora_before) > 0
     for name, before in lora_before.items():
@@ -187,20 +195,20 @@ def test_finetune_step_trains_on_the_handed_latents(vsd: SDVSDGuidance, dirs: tu
     handle = vsd.vae.encoder.register_forward_hook(lambda *args: encodes.append(1))
     try:
         renders = torch.rand(1, 32, 32, 3, requires_grad=True)
-        out = vsd(renders, PROMPT, _camera(), torch.zeros(1), 0)
+        out = vsd(renders, PROMPT, _camera(), torch.zeros(1), S2(0))
         assert len(encodes) == 1
         assert out.latents is not None and out.latents.shape == (1, 4, 8, 8) and not out.latents.requires_grad
         replay = SDVSDGuidance.from_config(tiny_sd_vsd_config(*dirs), seed=1)
         replay.load_state_dict(vsd.state_dict())  # same LoRA, optimiser and generator state
         expected = replay.finetune_on_latents(out.latents.clone(), PROMPT, _camera())
-        assert vsd.finetune_step(renders.detach(), PROMPT, _camera(), 0, latents=out.latents) == expected
+        assert vsd.finetune_step(renders.detach(), PROMPT, _camera(), S2(0), latents=out.latents) == expected
         assert len(encodes) == 1  # the handed latents were not encoded again
-        vsd.finetune_step(renders.detach(), PROMPT, _camera(), 1)  # none handed: encoded here
+        vsd.finetune_step(renders.detach(), PROMPT, _camera(), S2(1))  # none handed: encoded here
         assert len(encodes) == 2
     finally:
         handle.remove()
     with pytest.raises(ValueError, match="one latent per render"):
-        vsd.finetune_step(renders.detach(), PROMPT, _camera(), 2, latents=torch.zeros(2, 4, 8, 8))
+        vsd.finetune_step(renders.detach(), PROMPT, _camera(), S2(2), latents=torch.zeros(2, 4, 8, 8))
 
 
 def test_camera_dropout_zeroes_the_camera(vsd: SDVSDGuidance) -> None:
@@ -247,12 +255,12 @@ def test_exact_resume_from_state_dict(vsd: SDVSDGuidance, dirs: tuple[Path, Path
     def run(g: SDVSDGuidance) -> list[float]:
         values = []
         for step in range(2):
-            out = g(renders, PROMPT, _camera(), torch.zeros(1), step)
+            out = g(renders, PROMPT, _camera(), torch.zeros(1), S2(step))
             values.append(out.loss.item())
-            values.append(g.finetune_step(renders, PROMPT, _camera(), step, latents=out.latents)["lora_loss"])
+            values.append(g.finetune_step(renders, PROMPT, _camera(), S2(step), latents=out.latents)["lora_loss"])
         return values
 
-    vsd.finetune_step(renders, PROMPT, _camera(), 0)  # some optimiser state worth saving
+    vsd.finetune_step(renders, PROMPT, _camera(), S2(0))  # some optimiser state worth saving
     state = vsd.state_dict()
     first = run(vsd)
     fresh = SDVSDGuidance.from_config(tiny_sd_vsd_config(*dirs), seed=123)  # other seed: state must override
@@ -279,7 +287,7 @@ def test_shared_model_keeps_the_pretrained_branch_lora_free(dirs: tuple[Path, Pa
         with_lora = g.unet(z, tt, encoder_hidden_states=text, class_labels=torch.zeros(2, 16)).sample
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
     assert (with_lora - theirs).abs().max() > 1e-6  # and the LoRA does act outside that block
-    out = g(torch.rand(1, 32, 32, 3, requires_grad=True), PROMPT, _camera(), torch.zeros(1), 0)
+    out = g(torch.rand(1, 32, 32, 3, requires_grad=True), PROMPT, _camera(), torch.zeros(1), S2(0))
     assert torch.isfinite(out.loss)
 
 
@@ -293,11 +301,11 @@ def test_config_validate_names_the_key() -> None:
 
 def test_bad_inputs_raise_value_errors(vsd: SDVSDGuidance) -> None:
     with pytest.raises(ValueError, match="32x32"):
-        vsd(torch.rand(1, 64, 64, 3), PROMPT, _camera(), torch.zeros(1), 0)
+        vsd(torch.rand(1, 64, 64, 3), PROMPT, _camera(), torch.zeros(1), S2(0))
     with pytest.raises(ValueError, match="one camera per render"):
-        vsd(torch.rand(2, 32, 32, 3), PROMPT, _camera(), torch.zeros(2), 0)
+        vsd(torch.rand(2, 32, 32, 3), PROMPT, _camera(), torch.zeros(2), S2(0))
     with pytest.raises(ValueError, match=r"\[B, H, W, 3\]"):
-        vsd(torch.rand(1, 32, 32), PROMPT, _camera(), torch.zeros(1), 0)
+        vsd(torch.rand(1, 32, 32), PROMPT, _camera(), torch.zeros(1), S2(0))
 
 
 def test_bfloat16_weights_work(dirs: tuple[Path, Path]) -> None:
@@ -306,10 +314,34 @@ def test_bfloat16_weights_work(dirs: tuple[Path, Path]) -> None:
     assert g.unet.dtype == torch.bfloat16 and not g.grad_scaler.is_enabled()  # loss scaling is for fp16 only
     assert all(p.dtype == torch.float32 for p in [*g.lora_params.values(), *g.camera_embedding.parameters()])
     renders = torch.rand(1, 32, 32, 3, requires_grad=True)
-    out = g(renders, PROMPT, _camera(), torch.zeros(1), 0)
+    out = g(renders, PROMPT, _camera(), torch.zeros(1), S2(0))
     out.loss.backward()
     assert torch.isfinite(out.loss) and renders.grad.abs().sum() > 0
     before = {k: v.detach().clone() for k, v in g.lora_params.items()}
     for step in range(2):
-        assert np.isfinite(g.finetune_step(renders.detach(), PROMPT, _camera(), step)["lora_loss"])
+        assert np.isfinite(g.finetune_step(renders.detach(), PROMPT, _camera(), S2(step))["lora_loss"])
     assert all(not torch.equal(before[k], v) for k, v in g.lora_params.items())
+
+
+def test_paper_era_switch_leaves_lora_and_camera_embedding_untrained(dirs: tuple[Path, Path]) -> None:
+    """guidance.sd_vsd.train_lora=false: the authors' first public commit (5c6e0cc), where the LoRA optimiser
+    group pointed at MVDream and the VSD LoRA and camera embedding never trained (fixed in 7e09c67)."""
+    cfg = dataclasses.replace(tiny_sd_vsd_config(*dirs), train_lora=False)
+    g = SDVSDGuidance.from_config(cfg, seed=0)
+    before = {k: v.detach().clone() for k, v in g.lora_params.items()}
+    before |= {f"camera.{k}": v.detach().clone() for k, v in g.camera_embedding.named_parameters()}
+    renders = torch.rand(1, 32, 32, 3)
+    out = g(renders, PROMPT, _camera(), torch.zeros(1), S2(0))
+    assert torch.isfinite(out.loss)  # the VSD loss itself still runs, with the untrained LoRA branch
+    assert g.finetune_step(renders, PROMPT, _camera(), S2(0), latents=out.latents) == {}
+    after = dict(g.lora_params) | {f"camera.{k}": v for k, v in g.camera_embedding.named_parameters()}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not g.optimizer.state  # no AdamW step was taken
+
+
+def test_reset_optimizer_forgets_the_lora_moments(vsd: SDVSDGuidance) -> None:
+    renders = torch.rand(1, 32, 32, 3)
+    vsd.finetune_step(renders, PROMPT, _camera(), S2(0))
+    assert vsd.optimizer.state
+    vsd.reset_optimizer()  # a stage start (schedule.reset_optimizer_at_stage_start)
+    assert not vsd.optimizer.state

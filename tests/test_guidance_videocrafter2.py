@@ -21,8 +21,9 @@ from helpers.tiny_models import (
 )
 from torch import nn
 
+from fourdfy.clock import Moment
 from fourdfy.guidance.base import Guidance
-from fourdfy.guidance.configs import Ramp, VideoCrafter2Config, VideoPrior
+from fourdfy.guidance.configs import VideoCrafter2Config, VideoPrior
 from fourdfy.guidance.videocrafter2 import VideoCrafter2Guidance, VideoCrafter2Models, amplify_motion, weights_dtype
 from fourdfy.guidance.videocrafter_weights import (
     VIDEOCRAFTER2_LINEAR_END,
@@ -60,11 +61,15 @@ def _models(g: VideoCrafter2Guidance, unet: nn.Module | None = None) -> VideoCra
     return VideoCrafter2Models(unet or g.unet, g.vae, g.text.tokenizer, g.text.text_encoder, g.schedule)
 
 
-def _variant(g: VideoCrafter2Guidance, unet: nn.Module | None = None, stage_start: int = 0,
-             **changes: object) -> VideoCrafter2Guidance:
+def _variant(g: VideoCrafter2Guidance, unet: nn.Module | None = None, **changes: object) -> VideoCrafter2Guidance:
     """Another prior over the same loaded networks with some config fields changed."""
     cfg = dataclasses.replace(g.cfg, **changes)
-    return VideoCrafter2Guidance(cfg, _models(g, unet), seed=0, stage_start=stage_start)
+    return VideoCrafter2Guidance(cfg, _models(g, unet), seed=0)
+
+
+def S3(step: int, iteration: int = 0) -> Moment:
+    """A stage-3 moment at a stage-local step (the video prior's stage)."""
+    return Moment(iteration, 3, step)
 
 
 def _video_camera(azimuth: float = 0.0, n: int = 4) -> Cameras:
@@ -111,7 +116,7 @@ def test_defaults_are_the_authors_stage_3_vc_values() -> None:
     assert cfg.negative_prompt == NEGATIVE
     assert (cfg.view_dependent_prompting, cfg.view_prompts.front_threshold, cfg.view_prompts.back_threshold,
             cfg.view_prompts.overhead_threshold) == (True, 45.0, 45.0, 60.0)
-    assert cfg.min_step_percent == Ramp(0, 0.02, 0.02, 5000) and cfg.max_step_percent == Ramp(0, 0.98, 0.5, 5000)
+    assert cfg.min_step_percent == [0, 0.02, 0.02, 5000] and cfg.max_step_percent == [0, 0.98, 0.5, 5000]
     assert (cfg.half_precision_weights, cfg.loss_weight, cfg.sample_posterior) == (False, 0.1, True)
     # The model's own numbers (inference_t2v_512_v2.0.yaml).
     assert (VIDEOCRAFTER2_TIMESTEPS, VIDEOCRAFTER2_LINEAR_START, VIDEOCRAFTER2_LINEAR_END,
@@ -146,17 +151,17 @@ def test_schedule_is_the_yaml_one_in_float32(guidance: VideoCrafter2Guidance) ->
 def test_t_range_anneals_over_the_first_5000_steps_of_the_stage(
     guidance: VideoCrafter2Guidance, local: int, t_max: int
 ) -> None:
-    """U{20..980} at the stage's first step, {20..740} halfway, {20..500} from step 5000 on, counted from
-    stage_start (the trainer passes the global iteration)."""
-    g = _variant(guidance, stage_start=1234)
+    """U{20..980} at the stage's first step, {20..740} halfway, {20..500} from step 5000 on, counted on the
+    stage-local step (the global iteration plays no part)."""
+    g = _variant(guidance)
     expected_max = int(1000 * (0.98 + (0.5 - 0.98) * min(1.0, local / 5000)))  # threestudio C(), int()
     assert expected_max == t_max
-    assert g.step_range(1234 + local) == (20, t_max)
-    assert guidance.step_range(local) == (20, t_max)  # stage_start 0
+    assert g.step_range(S3(local, iteration=1234 + local)) == (20, t_max)
+    assert guidance.step_range(S3(local)) == (20, t_max)
     drawn: list[tuple[int, int]] = []
     draw = g.draw_timesteps
     g.draw_timesteps = lambda low, high, n: drawn.append((low, high)) or draw(low, high, n)  # type: ignore[method-assign]
-    out = g(torch.rand(4, 16, 24, 3), PROMPT, _video_camera(), torch.zeros(4), step=1234 + local)
+    out = g(torch.rand(4, 16, 24, 3), PROMPT, _video_camera(), torch.zeros(4), step=S3(local, 1234 + local))
     assert drawn == [(20, t_max)] and 20 <= out.stats["t"] <= t_max
 
 
@@ -183,7 +188,7 @@ def test_low_ram_vae_backpropagates_through_that_many_random_frames(
     picked = set()
     for _ in range(3):
         renders = torch.rand(4, 16, 24, 3, requires_grad=True)
-        g(renders, PROMPT, _video_camera(), torch.zeros(4), 0).loss.backward()
+        g(renders, PROMPT, _video_camera(), torch.zeros(4), S3(0)).loss.backward()
         with_grad = (renders.grad.abs().sum((1, 2, 3)) > 0).nonzero().flatten().tolist()
         assert len(with_grad) == expected
         picked.add(tuple(with_grad))
@@ -250,26 +255,26 @@ def test_video_sds_matches_an_independent_computation(guidance: VideoCrafter2Gui
 def test_exact_resume_from_state_dict(guidance: VideoCrafter2Guidance) -> None:
     renders = torch.rand(4, 16, 24, 3)
     state = guidance.state_dict()
-    first = guidance(renders, PROMPT, _video_camera(), torch.zeros(4), 3000)
+    first = guidance(renders, PROMPT, _video_camera(), torch.zeros(4), S3(3000))
     guidance.load_state_dict(state)
-    again = guidance(renders, PROMPT, _video_camera(), torch.zeros(4), 3000)
+    again = guidance(renders, PROMPT, _video_camera(), torch.zeros(4), S3(3000))
     assert first.loss.item() == again.loss.item() and first.stats == again.stats
-    assert guidance.finetune_step(renders, PROMPT, _video_camera(), 0) == {}
+    assert guidance.finetune_step(renders, PROMPT, _video_camera(), S3(0)) == {}
 
 
 def test_bad_inputs_and_configs_name_the_key(guidance: VideoCrafter2Guidance) -> None:
     with pytest.raises(ValueError, match="n_frames=4"):
-        guidance(torch.rand(3, 16, 24, 3), PROMPT, _video_camera(n=3), torch.zeros(3), 0)
+        guidance(torch.rand(3, 16, 24, 3), PROMPT, _video_camera(n=3), torch.zeros(3), S3(0))
     with pytest.raises(ValueError, match="16x24"):
-        guidance(torch.rand(4, 24, 16, 3), PROMPT, _video_camera(), torch.zeros(4), 0)
+        guidance(torch.rand(4, 24, 16, 3), PROMPT, _video_camera(), torch.zeros(4), S3(0))
     with pytest.raises(ValueError, match="one camera per frame"):
-        guidance(torch.rand(4, 16, 24, 3), PROMPT, _video_camera(n=1), torch.zeros(4), 0)
+        guidance(torch.rand(4, 16, 24, 3), PROMPT, _video_camera(n=1), torch.zeros(4), S3(0))
     with pytest.raises(ValueError, match=r"guidance\.videocrafter2\.vae_grad_frames"):
         _variant(guidance, vae_grad_frames=5)
     with pytest.raises(ValueError, match=r"guidance\.videocrafter2\.image_height must be a positive multiple of 8"):
         VideoCrafter2Config(image_height=30).validate()
-    with pytest.raises(ValueError, match=r"guidance\.videocrafter2\.min_step_percent must not exceed"):
-        VideoCrafter2Config(min_step_percent=Ramp(0, 0.02, 0.6, 5000)).validate()
+    with pytest.raises(ValueError, match=r"guidance\.videocrafter2\.min_step_percent and .*max_step_percent need"):
+        VideoCrafter2Config(min_step_percent=[0, 0.02, 0.6, 5000]).validate()
     with pytest.raises(ValueError, match=r"guidance\.videocrafter2\.motion_amp_scale"):
         VideoCrafter2Config(motion_amp_scale=-1.0).validate()
 
@@ -352,7 +357,7 @@ def test_missing_or_mismatched_checkpoint_names_the_config_key(ckpt_path: Path, 
 
 def test_real_backend_builds_videocrafter2_on_the_stage_3_clock(ckpt_path: Path) -> None:
     from fourdfy.config import RunConfig
-    from fourdfy.guidance.real import build_real_guidances, video_stage_start
+    from fourdfy.guidance.real import build_real_guidances
     from fourdfy.kinds import UpdateKind
 
     cfg = RunConfig()
@@ -363,11 +368,7 @@ def test_real_backend_builds_videocrafter2_on_the_stage_3_clock(ckpt_path: Path)
     cfg.guidance.videocrafter2 = tiny_videocrafter2_config(ckpt_path)
     guidances = build_real_guidances(cfg)
     assert list(guidances) == [UpdateKind.VIDEO] and isinstance(guidances["vid"], VideoCrafter2Guidance)
-    assert guidances["vid"].stage_start == 0
-    cfg.schedule.stage_lengths = [10000, 25000, 100000]
-    assert video_stage_start(cfg.schedule) == 35000
-    cfg.schedule.skip_stages_1_2 = True
-    assert video_stage_start(cfg.schedule) == 0
+    assert guidances["vid"].step_range(Moment(35000, 3, 0)) == (20, 980)  # the stage-local step, not 35000
 
 
 def test_one_iteration_through_the_real_trainer(guidance: VideoCrafter2Guidance, tmp_path: Path) -> None:
@@ -379,8 +380,8 @@ def test_one_iteration_through_the_real_trainer(guidance: VideoCrafter2Guidance,
     cfg = compose_run_config(["preset=smoke", "schedule.stage_lengths=[0,0,2]", "schedule.stage3_video_only=true",
                               f"trainer.n_frames={n}", "renderer.n_samples=8"])
     cfg.prompt = "a panda dancing"
+    cfg.trainer.lambda_sparsity = cfg.trainer.lambda_opacity_entropy = 0.0  # only the prior's gradient
     trainer = build_trainer(cfg, tmp_path, guidances={UpdateKind.VIDEO: guidance})
-    trainer.cfg.lambda_sparsity = trainer.cfg.lambda_opacity_entropy = 0.0  # only the prior's gradient
     dynamic_before = [p.detach().clone() for p in trainer.groups[ParamGroup.DYNAMIC]]
     scalars = trainer.step()
     assert scalars["kind"] == "vid" and scalars["skipped_steps"] == 0

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from helpers.tiny_models import save_tiny_zeroscope, tiny_zeroscope_config
 
+from fourdfy.clock import Moment
 from fourdfy.guidance.base import Guidance
 from fourdfy.guidance.configs import ZeroscopeConfig
 from fourdfy.guidance.memory import encode_latents
@@ -30,6 +31,11 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def guidance(model_dir: Path) -> ZeroscopeGuidance:
     return ZeroscopeGuidance.from_config(tiny_zeroscope_config(model_dir), seed=0)
+
+
+def S3(step: int) -> Moment:
+    """A stage-3 moment at a stage-local step."""
+    return Moment(step, 3, step)
 
 
 def _variant(g: ZeroscopeGuidance, **changes: object) -> ZeroscopeGuidance:
@@ -62,7 +68,7 @@ def test_is_a_guidance_with_the_authors_defaults(guidance: ZeroscopeGuidance) ->
 
 def test_call_gives_finite_loss_and_gradient_on_every_frame(guidance: ZeroscopeGuidance) -> None:
     renders = torch.rand(4, 16, 24, 3, requires_grad=True)
-    out = guidance(renders, PROMPT, _video_camera(), torch.linspace(0, 0.2, 4), step=0)
+    out = guidance(renders, PROMPT, _video_camera(), torch.linspace(0, 0.2, 4), step=S3(0))
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     out.loss.backward()
     assert torch.isfinite(renders.grad).all() and (renders.grad.abs().sum((1, 2, 3)) > 0).all()
@@ -109,7 +115,7 @@ def test_video_sds_matches_an_independent_computation(guidance: ZeroscopeGuidanc
 def test_backprop_through_only_some_frames(guidance: ZeroscopeGuidance) -> None:
     g = _variant(guidance, vae_grad_frames=2)
     renders = torch.rand(4, 16, 24, 3, requires_grad=True)
-    g(renders, PROMPT, _video_camera(), torch.zeros(4), 0).loss.backward()
+    g(renders, PROMPT, _video_camera(), torch.zeros(4), S3(0)).loss.backward()
     with_grad = (renders.grad.abs().sum((1, 2, 3)) > 0).sum().item()
     assert with_grad == 2
     # The values do not depend on which frames keep a graph.
@@ -125,22 +131,22 @@ def test_backprop_through_only_some_frames(guidance: ZeroscopeGuidance) -> None:
 def test_exact_resume_from_state_dict(guidance: ZeroscopeGuidance) -> None:
     renders = torch.rand(4, 16, 24, 3)
     state = guidance.state_dict()
-    first = guidance(renders, PROMPT, _video_camera(), torch.zeros(4), 0)
+    first = guidance(renders, PROMPT, _video_camera(), torch.zeros(4), S3(0))
     guidance.load_state_dict(state)
-    again = guidance(renders, PROMPT, _video_camera(), torch.zeros(4), 0)
+    again = guidance(renders, PROMPT, _video_camera(), torch.zeros(4), S3(0))
     assert first.loss.item() == again.loss.item() and first.stats == again.stats
-    assert guidance.finetune_step(renders, PROMPT, _video_camera(), 0) == {}
+    assert guidance.finetune_step(renders, PROMPT, _video_camera(), S3(0)) == {}
     assert again.latents is None  # no fine-tuning step, nothing handed over; the keyword is accepted
-    assert guidance.finetune_step(renders, PROMPT, _video_camera(), 0, latents=again.latents) == {}
+    assert guidance.finetune_step(renders, PROMPT, _video_camera(), S3(0), latents=again.latents) == {}
 
 
 def test_bad_inputs_raise_value_errors(guidance: ZeroscopeGuidance) -> None:
     with pytest.raises(ValueError, match="n_frames=4"):
-        guidance(torch.rand(3, 16, 24, 3), PROMPT, _video_camera(n=3), torch.zeros(3), 0)
+        guidance(torch.rand(3, 16, 24, 3), PROMPT, _video_camera(n=3), torch.zeros(3), S3(0))
     with pytest.raises(ValueError, match="16x24"):
-        guidance(torch.rand(4, 24, 16, 3), PROMPT, _video_camera(), torch.zeros(4), 0)
+        guidance(torch.rand(4, 24, 16, 3), PROMPT, _video_camera(), torch.zeros(4), S3(0))
     with pytest.raises(ValueError, match="one camera per frame"):
-        guidance(torch.rand(4, 16, 24, 3), PROMPT, _video_camera(n=1), torch.zeros(4), 0)
+        guidance(torch.rand(4, 16, 24, 3), PROMPT, _video_camera(n=1), torch.zeros(4), S3(0))
     with pytest.raises(ValueError, match=r"guidance\.zeroscope\.vae_grad_frames"):
         _variant(guidance, vae_grad_frames=5)
     with pytest.raises(ValueError, match=r"guidance\.zeroscope\.n_frames must be >= 1"):
@@ -154,6 +160,6 @@ def test_bfloat16_weights_work(model_dir: Path) -> None:
     g = ZeroscopeGuidance.from_config(tiny_zeroscope_config(model_dir), dtype=torch.bfloat16)
     assert g.unet.dtype == torch.bfloat16
     renders = torch.rand(4, 16, 24, 3, requires_grad=True)
-    out = g(renders, PROMPT, _video_camera(), torch.zeros(4), 0)
+    out = g(renders, PROMPT, _video_camera(), torch.zeros(4), S3(0))
     out.loss.backward()
     assert torch.isfinite(out.loss) and (renders.grad.abs().sum((1, 2, 3)) > 0).all()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fourdfy.clock import Clock, LinearRamp, Scheduled
+from fourdfy.clock import Clock, LinearRamp, Moment, Scheduled, Stages, StageSchedule
 from fourdfy.hybrid import HybridSchedule, ScheduleConfig
 
 N_DRAWS = 20_000
@@ -39,26 +39,42 @@ def test_stage_frequencies_match_probabilities(name):
             assert abs(freq[kind] - p) < 0.01, (name, stage, kind, freq)
 
 
-def test_no_image_guidance_is_video_only_for_the_same_length():
+def test_no_image_guidance_is_stage_3_alone_for_stage_3s_length():
+    # Issue #15 row 11 / paper §4.3: "skips the first two stages": stage 3's recipe, stage 3's length, on
+    # stage 3's own clock (its first iteration is stage-local step 0).
     cfg = ScheduleConfig(stage_lengths=[10, 20, 30], p_3d=0.0, p_img=0.0, skip_stages_1_2=True)
     schedule = HybridSchedule(cfg)
-    assert schedule.total_iterations == 60
-    assert [schedule.stage(i) for i in (0, 59)] == [3, 3]
+    assert schedule.total_iterations == 30
+    assert [schedule.stage(i) for i in (0, 29)] == [3, 3]
+    assert schedule.moment(7) == Moment(7, 3, 7)
+    assert schedule.lr(schedule.stage(0))["static"] == cfg.lr_static_stage3
     assert _frequencies(schedule, 0)["vid"] == 1.0
+    with pytest.raises(ValueError, match=r"schedule.skip_stages_1_2 .*stage_lengths\[2\] is 0"):
+        ScheduleConfig(stage_lengths=[10, 20, 0], p_3d=0.0, p_img=0.0, skip_stages_1_2=True).validate()
 
 
 def test_only_video_updates_train_the_dynamic_grid():
-    assert HybridSchedule.trainable("vid") == {"static": True, "dynamic": True, "heads": True}
-    for kind in ("3d", "img"):
-        assert HybridSchedule.trainable(kind) == {"static": True, "dynamic": False, "heads": True}
+    schedule = HybridSchedule(ScheduleConfig())
+    for stage in (1, 2, 3):
+        assert schedule.trainable("vid", stage) == {"static": True, "dynamic": True, "heads": True}
+        for kind in ("3d", "img"):
+            assert schedule.trainable(kind, stage) == {"static": True, "dynamic": False, "heads": True}
     with pytest.raises(ValueError, match="audio"):
-        HybridSchedule.trainable("audio")
+        schedule.trainable("audio", 1)
+
+
+def test_freeze_static_modules_trains_only_the_dynamic_part_in_stage_3_on_every_kind():
+    # threestudio/systems/fourdfy.py: on_fit_start freezes everything, set_temp_param_grad(True) in both branches.
+    schedule = HybridSchedule(ScheduleConfig(freeze_static_modules=True))
+    for kind in ("3d", "img", "vid"):
+        assert schedule.trainable(kind, 3) == {"static": False, "dynamic": True, "heads": False}
+    assert schedule.trainable("3d", 2) == {"static": True, "dynamic": False, "heads": True}
 
 
 def test_static_learning_rate_drops_in_stage_3():
     schedule = HybridSchedule(ScheduleConfig(stage_lengths=[5, 5, 5]))
-    assert schedule.lr(9) == {"static": 0.01, "dynamic": 0.01, "heads": 1e-3}
-    assert schedule.lr(10)["static"] == 1e-4
+    assert schedule.lr(schedule.stage(9)) == {"static": 0.01, "dynamic": 0.01, "heads": 1e-3}
+    assert schedule.lr(schedule.stage(10))["static"] == 1e-4
     assert schedule.stage(4) == 1 and schedule.stage(5) == 2 and schedule.stage(10) == 3
     with pytest.raises(ValueError, match="past the schedule"):
         schedule.stage(15)
@@ -66,22 +82,45 @@ def test_static_learning_rate_drops_in_stage_3():
 
 def test_blob_std_anneals_linearly_in_stage_3_only():
     schedule = HybridSchedule(ScheduleConfig(stage_lengths=[5, 5, 100], blob_anneal_steps=50))
-    ramp = schedule.blob_std_ramp(0.5)
-    assert ramp.at(0) == ramp.at(10) == 0.5  # iteration 10 is stage 3's first: still the start value
-    assert ramp.at(35) == pytest.approx(0.5 + 25 / 50 * 4.5)
-    assert ramp.at(60) == ramp.at(90) == 5.0
-    assert HybridSchedule(ScheduleConfig(stage_lengths=[5, 5, 100], blob_anneal_steps=0)).blob_std_ramp(0.5).at(11) \
-        == 5.0
+    blob = schedule.blob_std_schedule(0.5)
+    at = lambda it: blob.at(schedule.moment(it))  # noqa: E731
+    assert at(0) == at(10) == 0.5  # iteration 10 is stage 3's first: still the start value
+    assert at(35) == pytest.approx(0.5 + 25 / 50 * 4.5)
+    assert at(60) == at(90) == 5.0
+    zero = HybridSchedule(ScheduleConfig(stage_lengths=[5, 5, 100], blob_anneal_steps=0))
+    assert zero.blob_std_schedule(0.5).at(zero.moment(11)) == 5.0
 
 
 def test_a_scheduled_quantity_follows_the_clock():
-    clock = Clock()
-    blob = Scheduled(LinearRamp(start_value=1.0, end_value=3.0, start_iteration=4, n_steps=4), clock)
+    clock = Clock(Stages([3, 0, 200]))
+    ramp = LinearRamp(start_value=1.0, end_value=3.0, start_iteration=4, n_steps=4)
+    blob = Scheduled(StageSchedule((LinearRamp.constant(-1.0), LinearRamp.constant(-2.0), ramp)), clock)
     values = []
-    for it in (0, 4, 5, 6, 8, 100):
+    for it in (0, 2, 3, 7, 8, 9, 11, 103):  # stage 3 starts at 3: its steps are it - 3
         clock.iteration = it
         values.append(blob.value())
-    assert values == [1.0, 1.0, 1.5, 2.0, 3.0, 3.0]
+    assert values == [-1.0, -1.0, 1.0, 1.0, 1.5, 2.0, 3.0, 3.0]
+
+
+@pytest.mark.parametrize(("spec", "stage", "step", "value"), [
+    (10.0, 1, 0, 10.0),
+    ([10000, 0.0, 1000.0, 10001], 2, 10000, 0.0),  # threestudio C(): start_value up to start_step
+    ([10000, 0.0, 1000.0, 10001], 2, 10001, 1000.0),
+    ([10000, 0.0, 1000.0, 10001], 3, 10001, 1000.0),
+    ([[0, 0.98, 0.02, 8000], 0.02, 0.02], 1, 4000, 0.98 + 0.5 * (0.02 - 0.98)),
+    ([[0, 0.98, 0.02, 8000], 0.02, 0.02], 1, 9000, 0.02),
+    ([[0, 0.98, 0.02, 8000], 0.02, 0.02], 2, 0, 0.02),
+    ([0.0, 200.0, 200.0], 1, 5, 0.0),
+    ([0.0, 200.0, 200.0], 2, 0, 200.0),
+])
+def test_stage_schedules_read_the_stage_local_step(spec, stage, step, value):
+    assert StageSchedule.parse(spec, "k").at(Moment(123456, stage, step)) == pytest.approx(value, rel=1e-15)
+
+
+@pytest.mark.parametrize("spec", ["x", [1, 2], [[1, 2], 3, 4], [5, 0.0, 1.0, 5], [0.5, 0, 1, 2.5]])
+def test_bad_stage_schedules_name_the_key(spec):
+    with pytest.raises(ValueError, match="trainer.lambda_x"):
+        StageSchedule.parse(spec, "trainer.lambda_x")
 
 
 @pytest.mark.parametrize(("overrides", "used"), [

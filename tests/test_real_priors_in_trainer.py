@@ -23,10 +23,10 @@ def test_one_iteration_of_each_kind_reaches_the_field(kind, tiny_guidances, tmp_
     cfg = compose_run_config(["preset=smoke", "schedule.stage_lengths=[1,1,1]", f"trainer.n_frames={n_frames}",
                               "renderer.n_samples=8"])
     cfg.prompt = "a panda dancing"
+    cfg.trainer.lambda_sparsity = cfg.trainer.lambda_opacity_entropy = 0.0  # only the prior's gradient
     trainer = build_trainer(cfg, tmp_path, guidances=tiny_guidances)
     trainer.schedule.kind = lambda iteration, generator: kind  # force the update kind under test
     trainer.iteration = {"3d": 0, "img": 1, "vid": 2}[kind]
-    trainer.cfg.lambda_sparsity = trainer.cfg.lambda_opacity_entropy = 0.0  # only the prior's gradient
     before = [p.detach().clone() for p in trainer.groups[ParamGroup.STATIC]]
     dynamic_before = [p.detach().clone() for p in trainer.groups[ParamGroup.DYNAMIC]]
     scalars = trainer.step()

@@ -93,6 +93,12 @@ class _NaNGuidance:
     def render_size(self, step):
         return self.native_size
 
+    def batch_size(self, step):
+        return self.n_views
+
+    def reset_optimizer(self):
+        pass
+
     def finetune_step(self, renders, prompt, cameras, step, latents=None):
         return {}
 
@@ -120,10 +126,10 @@ class _SizeSpyGuidance(_NaNGuidance):
         self.shapes = []
 
     def render_size(self, step):
-        return (8, 8) if step < 2 else (12, 16)
+        return (8, 8) if step.stage_step < 2 else (12, 16)
 
     def __call__(self, renders, prompt, cameras, times, step):
-        self.shapes.append((step, tuple(renders.shape)))
+        self.shapes.append((step.iteration, tuple(renders.shape)))
         return GuidanceOut(renders.mean())
 
 
@@ -138,7 +144,7 @@ class _FinetuneSpyGuidance(_NaNGuidance):
         return GuidanceOut(renders.mean(), latents=self.marker)
 
     def finetune_step(self, renders, prompt, cameras, step, latents=None):
-        self.calls.append((step, tuple(renders.shape), renders.requires_grad, latents is self.marker))
+        self.calls.append((step.iteration, tuple(renders.shape), renders.requires_grad, latents is self.marker))
         return {"finetuned": 1.0}
 
 

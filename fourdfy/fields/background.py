@@ -1,8 +1,9 @@
 """The environment behind the object: a view-direction MLP (authors' configs/fourdfy_stage_*.yaml
 ``background_type: neural-environment-map-background``).
 
-threestudio's "neural-environment-map-background" as used by 4D-fy: spherical-harmonics encoding
-(degree 3, 16 coefficients) of the ray direction → MLP with 2 hidden layers of 16 → sigmoid.
+threestudio's "neural-environment-map-background" as used by 4D-fy: spherical-harmonics encoding of the ray
+direction (tcnn SphericalHarmonics "degree" 3 = bands 0-2, 9 coefficients) → MLP with 2 hidden layers of 16 →
+sigmoid.
 During training the trainer swaps it for a random solid colour half of the time, which stops the
 background from explaining the object.
 """
@@ -22,12 +23,20 @@ class BackgroundConfig:
     hidden_dim: int = 16  # n_neurons: 16
     n_hidden_layers: int = 2  # n_hidden_layers: 2
     random_color_prob: float = 0.5  # random_aug_prob: 0.5 — solid random colour instead of the MLP in training
+    # tiny-cuda-nn SphericalHarmonics degree (degree² coefficients): threestudio/models/background/
+    # neural_environment_map_background.py dir_encoding_config {"otype": "SphericalHarmonics", "degree": 3} -> 9.
+    sh_degree: int = 3
+
+    def validate(self) -> None:
+        if not 1 <= self.sh_degree <= 4:
+            raise ValueError(f"field.background.sh_degree must be in 1..4 (degree² coefficients), got {self.sh_degree}")
 
 
-def spherical_harmonics_deg3(directions: torch.Tensor) -> torch.Tensor:
-    """Real spherical harmonics up to degree 3 (tiny-cuda-nn's "SphericalHarmonics", degree 4 = 16 terms).
+def spherical_harmonics(directions: torch.Tensor, degree: int = 4) -> torch.Tensor:
+    """Real spherical harmonics of bands 0..degree−1, band by band (tiny-cuda-nn's "SphericalHarmonics" with
+    that degree: degree² terms; the first 9 of the 16 are degree 3's).
 
-    directions: [N, 3] unit vectors -> [N, 16].
+    directions: [N, 3] unit vectors -> [N, degree²].
     """
     x, y, z = directions.unbind(-1)
     xx, yy, zz = x * x, y * y, z * z
@@ -52,7 +61,7 @@ def spherical_harmonics_deg3(directions: torch.Tensor) -> torch.Tensor:
             0.59004358992664352 * x * (-xx + 3.0 * yy),
         ],
         dim=-1,
-    )
+    )[:, : degree * degree]
 
 
 class BackgroundMLP(nn.Module):
@@ -61,8 +70,10 @@ class BackgroundMLP(nn.Module):
     def __init__(self, cfg: BackgroundConfig | None = None):
         super().__init__()
         cfg = cfg or BackgroundConfig()
+        cfg.validate()
+        self.sh_degree = cfg.sh_degree
         layers: list[nn.Module] = []
-        width_in = 16
+        width_in = cfg.sh_degree**2
         for _ in range(cfg.n_hidden_layers):
             layers += [nn.Linear(width_in, cfg.hidden_dim, bias=False), nn.ReLU()]
             width_in = cfg.hidden_dim
@@ -72,4 +83,4 @@ class BackgroundMLP(nn.Module):
     def forward(self, directions: torch.Tensor) -> torch.Tensor:
         if directions.ndim != 2 or directions.shape[-1] != 3:
             raise ValueError(f"directions must have shape [N, 3], got {tuple(directions.shape)}")
-        return torch.sigmoid(self.mlp(spherical_harmonics_deg3(directions)))
+        return torch.sigmoid(self.mlp(spherical_harmonics(directions, self.sh_degree)))

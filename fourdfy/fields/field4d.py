@@ -1,6 +1,7 @@
 """The 4D radiance field: static 3D features + dynamic 4D features, then two small MLP heads.
 
-f(x, t) = f_static(x) + f_dynamic(x, t)  (element-wise sum, paper §3.1 "4D Neural Rendering")
+f(x, t) = f_static(x) + f_dynamic(x, t)  (element-wise sum, paper §3.1 "4D Neural Rendering"), or with
+field.dynamic=deformation f(x, t) = f_static(x + Δ(x, t)) (the authors' newer recipe, fourdfy/fields/deformation.py)
 σ = softplus(density_head(f) + b(x)),  b(x) = blob_density·(1 − ‖x‖/blob_std)  ("blob_magic3d")
 rgb = sigmoid(color_head(f))            (no view dependence, no shading)
 
@@ -26,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from fourdfy.clock import Scheduled
 from fourdfy.enums import StrChoice
 from fourdfy.fields.background import BackgroundConfig
+from fourdfy.fields.deformation import Deformation, DeformationConfig
 from fourdfy.fields.dense import DenseGridConfig
 from fourdfy.fields.hashgrid import HashGridConfig
 from fourdfy.fields.hexplane import HexPlaneConfig
@@ -50,15 +52,24 @@ class FieldKind(StrChoice):
     dense = "dense"  # dense grid_sample grids: the CPU fast path of the toy world
 
 
+class DynamicKind(StrChoice):
+    """How the field moves: dynamic features summed onto the static ones, or a displacement into the static field."""
+
+    grid = "grid"  # f_static(x) + f_dynamic(x, t): the paper's 4D hash grid (or HexPlane's time planes, dense grid)
+    deformation = "deformation"  # f_static(x + Δ(x, t)): HashGridSpatialTimeDeform (configs/*_deformation.yaml)
+
+
 @dataclass
 class FieldConfig:
     """The 4D field: which encodings, the heads, the background (built by fourdfy.build.build_field)."""
 
     kind: FieldKind = FieldKind.hashgrid  # hashgrid (the paper), hexplane (Table-2 ablation), dense (CPU fast path)
+    dynamic: DynamicKind = DynamicKind.grid  # grid (the paper: summed 4D features) or deformation (Δ of x)
     static_grid: HashGridConfig = dc_field(default_factory=HashGridConfig)  # 3D grid of x
     dynamic_grid: HashGridConfig = dc_field(default_factory=HashGridConfig)  # 4D grid of (x, t)
     hexplane: HexPlaneConfig = dc_field(default_factory=HexPlaneConfig)  # used when kind = hexplane
     dense: DenseGridConfig = dc_field(default_factory=DenseGridConfig)  # used when kind = dense
+    deformation: DeformationConfig = dc_field(default_factory=DeformationConfig)  # used when dynamic = deformation
     heads: HeadsConfig = dc_field(default_factory=HeadsConfig)  # density and colour MLPs, density blob
     background: BackgroundConfig = dc_field(default_factory=BackgroundConfig)  # background MLP
     box_radius: float = 1.0  # scene box [-1, 1]^3 (authors' system.geometry.radius: 1.0)
@@ -75,6 +86,15 @@ class FieldConfig:
             raise ValueError(f"field.heads.hidden_dim must be >= 1, got {self.heads.hidden_dim}")
         if not self.box_radius > 0:
             raise ValueError(f"field.box_radius must be > 0, got {self.box_radius}")
+        if DynamicKind(self.dynamic) is DynamicKind.deformation:
+            if FieldKind(self.kind) is FieldKind.hexplane:
+                raise ValueError(
+                    "field.dynamic=deformation needs a 3D grid to displace x into, but field.kind=hexplane; set "
+                    "field.kind=hashgrid (or dense on a CPU) or field.dynamic=grid"
+                )
+            dense = FieldKind(self.kind) is FieldKind.dense
+            self.deformation.validate(len(self.deformation.dense_resolutions) if dense
+                                      else self.deformation.grid.n_levels)
 
 
 def _mlp(width_in: int, hidden: int, n_hidden: int, width_out: int) -> nn.Sequential:
@@ -91,23 +111,27 @@ class Field4D(nn.Module):
 
     Args:
         static_encoding: module mapping [N,3] in [0,1] to [N,C].
-        dynamic_encoding: module mapping [N,4] in [0,1] (x, y, z, t) to [N,C] (same C).
+        dynamic_encoding: module mapping [N,4] in [0,1] (x, y, z, t) to [N,C] (same C), summed onto the static
+            features; None when ``deformation`` is given.
         heads: MLP and density-bias settings.
         box_radius: half-size of the scene box [-r, r]^3; points outside have zero density.
         checkpoint_chunk: samples per activation-checkpointed chunk when a graph is recorded; None
             evaluates in one piece and keeps every activation for backward (the default).
         blob_std: the density blob's std as a quantity scheduled on the run's clock (annealed in stage 3);
             None holds ``heads.blob_std``.
+        deformation: Δ(x, t) [N,3] in unit-cube coordinates; the static encoding is then read at
+            clamp(x + Δ, 0, 1) and nothing is summed (``dynamic_encoding`` must be None).
     """
 
     def __init__(
         self,
         static_encoding: nn.Module,
-        dynamic_encoding: nn.Module,
+        dynamic_encoding: nn.Module | None,
         heads: HeadsConfig | None = None,
         box_radius: float = 1.0,
         checkpoint_chunk: int | None = None,
         blob_std: Scheduled | None = None,
+        deformation: Deformation | None = None,
     ):
         super().__init__()
         if checkpoint_chunk is not None and (
@@ -117,15 +141,18 @@ class Field4D(nn.Module):
                 "checkpoint_chunk must be a positive int (samples recomputed together in backward) or None "
                 f"(no activation checkpointing), got {checkpoint_chunk!r}"
             )
+        if (dynamic_encoding is None) == (deformation is None):
+            raise ValueError("give exactly one of dynamic_encoding (summed features) and deformation (displacement)")
         heads = heads or HeadsConfig()
         n_features = static_encoding.n_output_dims
-        if dynamic_encoding.n_output_dims != n_features:
+        if dynamic_encoding is not None and dynamic_encoding.n_output_dims != n_features:
             raise ValueError(
                 f"static and dynamic encodings must have the same output width to be summed, got "
                 f"{n_features} and {dynamic_encoding.n_output_dims}"
             )
         self.static_encoding = static_encoding
         self.dynamic_encoding = dynamic_encoding
+        self.deformation = deformation
         self.density_head = _mlp(n_features, heads.hidden_dim, heads.n_hidden_layers, 1)
         self.color_head = _mlp(n_features, heads.hidden_dim, heads.n_hidden_layers, 3)
         self.blob_density = heads.blob_density
@@ -150,9 +177,28 @@ class Field4D(nn.Module):
         # Samples outside the box are evaluated at the box surface and then masked to zero density:
         # explicit, so the encodings' own range check stays strict.
         unit = unit.clamp(0.0, 1.0)
+        if self.deformation is not None:
+            return self.static_encoding(self._displaced(unit, t)), inside
         f_static = self.static_encoding(unit)
         f_dynamic = self.dynamic_encoding(torch.cat([unit, t[:, None].to(unit.dtype)], dim=-1))
         return f_static + f_dynamic, inside
+
+    def _displaced(self, unit: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """unit: [N,3] in [0,1], t: [N] -> x + Δ(x, t) [N,3], clamped to [0,1].
+
+        The authors add Δ unclamped (tiny-cuda-nn reads any coordinate); our encodings refuse points outside
+        the unit cube, so a point displaced out of it reads the box surface (zero gradient to Δ there).
+        """
+        return (unit + self.deformation(unit, t)).clamp(0.0, 1.0)
+
+    def displacement(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x: [N,3] world, t: [N] -> Δ(x, t) [N,3] in unit-cube coordinates (world Δ = 2·box_radius·this),
+        the tensor the authors' lambda_deformation composites and penalises; zeros without a deformation."""
+        _check_inputs(x, t)
+        if self.deformation is None:
+            return x.new_zeros(x.shape)
+        unit = ((x / self.box_radius + 1.0) * 0.5).clamp(0.0, 1.0)
+        return self.deformation(unit, t)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [N,3] world, t: [N] in [0,1] -> (density [N] >= 0, rgb [N,3] in [0,1]).
@@ -213,10 +259,12 @@ class Field4D(nn.Module):
         return x.requires_grad or t.requires_grad or any(p.requires_grad for p in self.parameters())
 
     def param_groups(self) -> dict[ParamGroup, list[nn.Parameter]]:
-        """Parameters by role: the hybrid schedule trains DYNAMIC only on video steps."""
+        """Parameters by role: the hybrid schedule trains DYNAMIC (the 4D grid, or the whole deformation
+        network: its 4D encoding and MLP) only on video steps."""
+        dynamic = self.dynamic_encoding if self.deformation is None else self.deformation
         return {
             ParamGroup.STATIC: list(self.static_encoding.parameters()),
-            ParamGroup.DYNAMIC: list(self.dynamic_encoding.parameters()),
+            ParamGroup.DYNAMIC: list(dynamic.parameters()),
             ParamGroup.HEADS: list(self.density_head.parameters()) + list(self.color_head.parameters()),
         }
 

@@ -57,6 +57,7 @@ class Backend(StrChoice):
 
     torch = "torch"  # the reference: PyTorch ops, any device
     tcnn = "tcnn"  # tiny-cuda-nn's fused CUDA kernels (optional; no wheel, builds from source with CUDA)
+    triton = "triton"  # fused Triton kernels (hashgrid_triton.py): CUDA, or CPU under TRITON_INTERPRET=1
 
 
 @dataclass
@@ -68,7 +69,7 @@ class HashGridConfig:
     log2_hashmap_size: int = 19  # log2_hashmap_size: 19
     base_resolution: int = 16  # base_resolution: 16
     per_level_scale: float = 1.447269237440378  # per_level_scale: finest level 4096
-    backend: Backend = Backend.torch  # torch (reference, default) or tcnn (tiny-cuda-nn, CUDA only)
+    backend: Backend = Backend.torch  # torch (reference, default), tcnn or triton (fused kernels, CUDA only)
 
 
 @dataclass(frozen=True)
@@ -376,6 +377,23 @@ class _HashGridFunction(torch.autograd.Function):
         return grad_x, grad_params, None
 
 
+def _make_triton_grid(layout: GridLayout, n_dims: int, n_features: int) -> Any:
+    """The Triton backend's constants; a ValueError when it cannot run here (no triton, or no CUDA and no
+    TRITON_INTERPRET=1)."""
+    fix = (
+        "set field.static_grid.backend / field.dynamic_grid.backend to torch (same parameters, same numbers)"
+    )
+    try:
+        from fourdfy.fields import hashgrid_triton  # optional: triton ships with Linux torch wheels
+    except Exception as err:  # ImportError, or a broken triton install
+        raise ValueError(f"backend='triton' needs the triton package ({err}); {fix}") from err
+    if not (torch.cuda.is_available() or hashgrid_triton.interpreting()):
+        raise ValueError(
+            f"backend='triton' needs a CUDA GPU (or TRITON_INTERPRET=1 for Triton's CPU interpreter); {fix}"
+        )
+    return hashgrid_triton.make_grid(layout, n_dims, n_features)
+
+
 class HashGridEncoding(nn.Module):
     """tiny-cuda-nn-exact multiresolution hash grid: x [N, D] in [0, 1] -> features [N, n_levels * F].
 
@@ -386,7 +404,8 @@ class HashGridEncoding(nn.Module):
         log2_hashmap_size: log2 of the largest per-level table (entries).
         base_resolution: vertices per axis of the coarsest level (tcnn convention: scale = base - 1).
         per_level_scale: resolution growth factor between levels (>= 1).
-        backend: "torch" (reference, any device) or "tcnn" (tinycudann CUDA kernels, same parameters).
+        backend: "torch" (reference, any device), "tcnn" (tinycudann CUDA kernels) or "triton" (Triton
+            kernels, CUDA or TRITON_INTERPRET=1); all use the same parameters.
         check_inputs: validate x's shape, dtype and range on every call (one min/max reduction).
         chunk_size: points processed together by the torch backend (bounds temporary memory).
     """
@@ -421,7 +440,7 @@ class HashGridEncoding(nn.Module):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         if backend not in tuple(Backend):
-            raise ValueError(f"backend must be 'torch' or 'tcnn', got {backend!r}")
+            raise ValueError(f"backend must be one of {[b.value for b in Backend]}, got {backend!r}")
         backend = Backend(backend)
 
         self.n_input_dims = n_input_dims
@@ -445,6 +464,9 @@ class HashGridEncoding(nn.Module):
         # Set with object.__setattr__ so tcnn's module is not registered as a child: its `params` would
         # otherwise appear twice in the state dict, which must stay {"params"} like tcnn's own.
         object.__setattr__(self, "_tcnn", self._make_tcnn() if backend == "tcnn" else None)
+        self._triton_grid = _make_triton_grid(layout, n_input_dims, n_features_per_level) if (
+            backend == Backend.triton
+        ) else None
 
     def set_chunk_size(self, chunk_size: int) -> None:
         """Points the torch backend processes together: bounds temporary memory; on a GPU, larger chunks mean
@@ -506,6 +528,10 @@ class HashGridEncoding(nn.Module):
             self._validate(x)
         if self._tcnn is not None:
             return self._forward_tcnn(x)
+        if self._triton_grid is not None:
+            from fourdfy.fields import hashgrid_triton  # imported by _make_triton_grid already
+
+            return hashgrid_triton.encode(x, self.params, self._triton_grid)
         dtype = self.params.dtype
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"params must be float32 or float64 (tcnn computes in float32), got {dtype}")

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fourdfy.clock import Moment
 from fourdfy.guidance.memory import Placement, encode_latents, frozen, resolve_dtype
 from fourdfy.guidance.text import PromptEncoder
 from fourdfy.render.cameras import Cameras
@@ -52,13 +53,22 @@ class Guidance(Protocol):
     is_video: bool
 
     def __call__(
-        self, renders: torch.Tensor, prompt: str, cameras: Cameras, times: torch.Tensor, step: int
+        self, renders: torch.Tensor, prompt: str, cameras: Cameras, times: torch.Tensor, step: Moment
     ) -> GuidanceOut:
-        """renders: [B,H,W,3] in [0,1] (differentiable); cameras: B cameras; times: [B]; step: global iteration."""
+        """renders: [B,H,W,3] in [0,1] (differentiable); cameras: B cameras; times: [B]; step: the iteration's
+        stage and stage-local step (every schedule of a prior reads the stage-local step, as the authors')."""
         ...
 
-    def render_size(self, step: int) -> tuple[int, int]:
+    def render_size(self, step: Moment) -> tuple[int, int]:
         """(height, width) the renders of training step ``step`` must have (MVDream starts at 64²)."""
+        ...
+
+    def batch_size(self, step: Moment) -> int:
+        """Renders per step: a multiple of n_views (MVDream: 8 = two groups of 4 early in stage 1)."""
+        ...
+
+    def reset_optimizer(self) -> None:
+        """Forget the prior's own optimiser state (a stage start: schedule.reset_optimizer_at_stage_start)."""
         ...
 
     def finetune_step(
@@ -66,7 +76,7 @@ class Guidance(Protocol):
         renders: torch.Tensor,
         prompt: str,
         cameras: Cameras,
-        step: int,
+        step: Moment,
         latents: torch.Tensor | None = None,
     ) -> dict[str, float]:
         """Update the prior's own trainable state (VSD's LoRA) on detached renders; {} when it has none.
@@ -213,16 +223,23 @@ class LatentDiffusionPrior:
 
     # ---------------------------------------------------------------- Guidance defaults
 
-    def render_size(self, step: int) -> tuple[int, int]:
+    def render_size(self, step: Moment) -> tuple[int, int]:
         """(height, width) of the renders: native_size at every step."""
         return self.native_size
+
+    def batch_size(self, step: Moment) -> int:
+        """Renders per step: n_views at every step."""
+        return self.n_views
+
+    def reset_optimizer(self) -> None:
+        """No optimiser: nothing to forget."""
 
     def finetune_step(
         self,
         renders: torch.Tensor,
         prompt: str,
         cameras: Cameras,
-        step: int,
+        step: Moment,
         latents: torch.Tensor | None = None,
     ) -> dict[str, float]:
         """No trainable state: nothing to do."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from fourdfy.clock import Moment, StageSchedule, StageSteps
 from fourdfy.enums import StrChoice
 
 # Default models: the authors' configs/fourdfy_stage_{1,2,3}.yaml (keys under `system.`).
@@ -52,28 +53,23 @@ class ViewPromptConfig:
     overhead_threshold: float = 60.0
 
 
-@dataclass
-class Ramp:
-    """A scalar schedule: start_value until start_step, linear to end_value at end_step, then constant.
+class Precision(StrChoice):
+    """Weights and activations of a frozen network."""
 
-    threestudio's `[start_step, start_value, end_value, end_step]` lists (utils/misc.py `C`).
-    """
+    fp32 = "fp32"  # float32 (the authors' trainer.precision: 32)
+    fp16 = "fp16"  # float16 on CUDA (halves memory; CPU falls back to float32)
 
-    start_step: int
-    start_value: float
-    end_value: float
-    end_step: int
 
-    def __post_init__(self) -> None:
-        if self.end_step <= self.start_step:
-            raise ValueError(
-                f"Ramp needs end_step > start_step, got start_step={self.start_step}, "
-                f"end_step={self.end_step}"
-            )
-
-    def __call__(self, step: int) -> float:
-        frac = min(max((step - self.start_step) / (self.end_step - self.start_step), 0.0), 1.0)
-        return self.start_value + (self.end_value - self.start_value) * frac
+def _check_t_schedules(key: str, low: StageSchedule, high: StageSchedule) -> None:
+    """t ranges as fractions of T: 0 <= min <= max < 1 at every breakpoint of every stage."""
+    for stage in (1, 2, 3):
+        steps = sorted({0, *low.breakpoints(stage), *high.breakpoints(stage)})
+        for step in steps:
+            m = Moment(0, stage, step)
+            lo, hi = low.at(m), high.at(m)
+            if not 0 <= lo <= hi < 1:
+                raise ValueError(f"{key}.min_step_percent and {key}.max_step_percent need 0 <= min <= max < 1 at "
+                                 f"every step; stage {stage} step {step} gives {lo}, {hi}")
 
 
 @dataclass
@@ -97,10 +93,14 @@ class MVDreamConfig:
     n_views: int = 4
     # Side the renders are resized to before the VAE: Config.image_size = 256 (latent 32x32).
     image_size: int = 256
-    # Render side per phase: data.multi_view.width/height [64, 256] (configs/fourdfy_stage_1.yaml).
-    render_sizes: tuple[int, ...] = (64, 256)
-    # Training steps at which the next render_sizes entry starts: data.multi_view.resolution_milestones [5000].
-    render_size_milestones: tuple[int, ...] = (5000,)
+    # Render side per phase, per stage (fourdfy/clock.py StageSteps): data.multi_view.width/height [64, 256] in
+    # configs/fourdfy_stage_{1,2}.yaml, [256, 256] in configs/fourdfy_stage_3.yaml.
+    render_sizes: Any = field(default_factory=lambda: [[64, 256], [64, 256], [256, 256]])
+    # Stage-local steps at which the next phase starts: data.multi_view.resolution_milestones [5000] (all stages).
+    render_size_milestones: Any = field(default_factory=lambda: [5000])
+    # Renders per 3D step per phase, per stage (groups of n_views, each its own random camera): data.multi_view.
+    # batch_size [8, 4] in configs/fourdfy_stage_1.yaml, [4, 4] in stages 2 and 3.
+    batch_sizes: Any = field(default_factory=lambda: [[8, 4], [4, 4], [4, 4]])
     # CFG scale, ε_u + s(ε_c − ε_u): guidance_multi_view.guidance_scale = 50.
     guidance_scale: float = 50.0
     # Unconditional prompt: prompt_processor_multi_view.negative_prompt.
@@ -109,10 +109,11 @@ class MVDreamConfig:
     view_dependent_prompting: bool = False
     # Thresholds if view-dependent prompting is on: prompt_processor_multi_view.front/back_threshold = 30.
     view_prompts: ViewPromptConfig = field(default_factory=lambda: ViewPromptConfig(30.0, 30.0))
-    # t_min / 1000 over training steps: guidance_multi_view.min_step_percent [0, 0.98, 0.02, 8000].
-    min_step_percent: Ramp = field(default_factory=lambda: Ramp(0, 0.98, 0.02, 8000))
-    # t_max / 1000: guidance_multi_view.max_step_percent [0, 0.98, 0.50, 8000].
-    max_step_percent: Ramp = field(default_factory=lambda: Ramp(0, 0.98, 0.50, 8000))
+    # t_min / 1000 per stage (StageSchedule): guidance_multi_view.min_step_percent [0, 0.98, 0.02, 8000] in
+    # configs/fourdfy_stage_1.yaml, [0, 0.02, 0.02, 8000] (= 0.02) in stages 2 and 3.
+    min_step_percent: Any = field(default_factory=lambda: [[0, 0.98, 0.02, 8000], 0.02, 0.02])
+    # t_max / 1000: max_step_percent [0, 0.98, 0.50, 8000] in stage 1, [0, 0.50, 0.50, 8000] (= 0.5) in 2 and 3.
+    max_step_percent: Any = field(default_factory=lambda: [[0, 0.98, 0.5, 8000], 0.5, 0.5])
     # x̂0-reconstruction loss (guidance_multi_view.recon_loss = true); False = plain SDS with w = 1 − ᾱ
     # (paper Eq. 3).
     recon_loss: bool = True
@@ -126,6 +127,21 @@ class MVDreamConfig:
     offload: bool = False
     # Recompute VAE-encoder activations in backward (memory option).
     vae_gradient_checkpointing: bool = False
+    # UNet, VAE and text encoder precision: fp32 as the authors (trainer.precision: 32 in all stage files);
+    # fp16 halves their memory, at a rounding error in ε_c − ε_u that CFG 50 multiplies (bench/mvdream_precision.py).
+    precision: Precision = Precision.fp32
+
+    def render_size_schedule(self, key: str = "guidance.mvdream") -> StageSteps:
+        return StageSteps.parse(self.render_sizes, self.render_size_milestones, f"{key}.render_sizes",
+                                f"{key}.render_size_milestones")
+
+    def batch_size_schedule(self, key: str = "guidance.mvdream") -> StageSteps:
+        return StageSteps.parse(self.batch_sizes, self.render_size_milestones, f"{key}.batch_sizes",
+                                f"{key}.render_size_milestones")
+
+    def t_schedules(self, key: str = "guidance.mvdream") -> tuple[StageSchedule, StageSchedule]:
+        return (StageSchedule.parse(self.min_step_percent, f"{key}.min_step_percent"),
+                StageSchedule.parse(self.max_step_percent, f"{key}.max_step_percent"))
 
     def validate(self, key: str = "guidance.mvdream") -> None:
         """Raise ValueError naming `<key>.<field>` and the fix for values no MVDream prior can use."""
@@ -136,13 +152,12 @@ class MVDreamConfig:
                 f"{key}.recon_std_rescale must be in [0, 1] (0 disables the rescale; the authors use 0.5), "
                 f"got {self.recon_std_rescale}"
             )
-        milestones = tuple(self.render_size_milestones)
-        if len(self.render_sizes) != len(milestones) + 1 or list(milestones) != sorted(set(milestones)):
-            raise ValueError(
-                f"{key}.render_sizes {tuple(self.render_sizes)} needs one more entry than the increasing "
-                f"{key}.render_size_milestones {milestones}: set a size before the first milestone and one "
-                "after each"
-            )
+        self.render_size_schedule(key)
+        batches = self.batch_size_schedule(key).all_values()
+        if any(not isinstance(b, int) or b < 1 or b % self.n_views for b in batches):
+            raise ValueError(f"{key}.batch_sizes must be positive multiples of {key}.n_views={self.n_views} (groups "
+                             f"of views), got {self.batch_sizes}")
+        _check_t_schedules(key, *self.t_schedules(key))
 
 
 @dataclass
@@ -169,9 +184,12 @@ class SDVSDConfig:
     view_dependent_prompting: bool = True
     # prompt_processor.front_threshold / back_threshold = 30 (degrees).
     view_prompts: ViewPromptConfig = field(default_factory=lambda: ViewPromptConfig(30.0, 30.0))
-    # t range / 1000: guidance.min_step_percent 0.02, max_step_percent 0.5 (= max_step_percent_annealed).
-    min_step_percent: float = 0.02
-    max_step_percent: float = 0.5
+    # t range / 1000 per stage (StageSchedule): guidance.min_step_percent 0.02 in all stage files;
+    # max_step_percent 0.5 in stage 1 (no VSD there), 0.98 in stage 2 until anneal_start_step 5000 and
+    # max_step_percent_annealed 0.5 after (stable_diffusion_vsd_guidance.py update_step: `global_step >
+    # anneal_start_step`, so 0.5 from stage-local step 5001), and 0.5 in stage 3.
+    min_step_percent: Any = 0.02
+    max_step_percent: Any = field(default_factory=lambda: [0.5, [5000, 0.98, 0.5, 5001], 0.5])
     # LoRA rank: diffusers LoRAAttnProcessor default rank 4 (alpha = rank, i.e. scale 1).
     lora_rank: int = 4
     # LoRA + camera-embedding optimiser: system.optimizer AdamW, params.guidance.lr 1e-4, betas (0.9, 0.99),
@@ -195,10 +213,18 @@ class SDVSDConfig:
     offload: bool = False
     # Recompute VAE-encoder activations in backward (memory option).
     vae_gradient_checkpointing: bool = False
+    # False: the LoRA and its camera embedding never train, as in the authors' first public commit (5c6e0cc:
+    # the LoRA optimiser group pointed at MVDream; fixed in 7e09c67, Dec 2023). Table 2 may predate the fix:
+    # `guidance.sd_vsd.train_lora=false` reproduces that era (the "paper_era" switch, README).
+    train_lora: bool = True
+
+    def t_schedules(self, key: str = "guidance.sd_vsd") -> tuple[StageSchedule, StageSchedule]:
+        return (StageSchedule.parse(self.min_step_percent, f"{key}.min_step_percent"),
+                StageSchedule.parse(self.max_step_percent, f"{key}.max_step_percent"))
 
     def validate(self, key: str = "guidance.sd_vsd") -> None:
         """Raise ValueError naming `<key>.<field>` and the fix for values no SD VSD prior can use."""
-        _check_step_percents(key, self.min_step_percent, self.max_step_percent)
+        _check_t_schedules(key, *self.t_schedules(key))
 
 
 @dataclass
@@ -292,10 +318,10 @@ class VideoCrafter2Config:
     view_dependent_prompting: bool = True
     # prompt_processor_video sets no thresholds: threestudio's PromptProcessor defaults, 45° (overhead 60°).
     view_prompts: ViewPromptConfig = field(default_factory=lambda: ViewPromptConfig(45.0, 45.0))
-    # t range / 1000 over the steps of stage 3 (its own clock; see the module docstring of videocrafter2.py):
+    # t range / 1000 on the stage-local step (StageSchedule; the video prior runs in stage 3 only):
     # guidance_video.min_step_percent [0, 0.02, 0.02, 5000], max_step_percent [0, 0.98, 0.5, 5000].
-    min_step_percent: Ramp = field(default_factory=lambda: Ramp(0, 0.02, 0.02, 5000))
-    max_step_percent: Ramp = field(default_factory=lambda: Ramp(0, 0.98, 0.5, 5000))
+    min_step_percent: Any = field(default_factory=lambda: [0, 0.02, 0.02, 5000])
+    max_step_percent: Any = field(default_factory=lambda: [0, 0.98, 0.5, 5000])
     # Score s = ε̂ − ε replaced by mean_T(s) + k·(s − mean_T(s)): guidance_video.motion_amp_scale = 30 (1 = off).
     motion_amp_scale: float = 30.0
     # Frames whose VAE encoding keeps its graph, chosen at random per call: guidance_video.low_ram_vae = 2
@@ -337,19 +363,11 @@ class VideoCrafter2Config:
                 f"{key}.motion_amp_scale must be >= 0 (1 = no amplification; the authors use 30), "
                 f"got {self.motion_amp_scale}"
             )
-        ramps = (self.min_step_percent, self.max_step_percent)
-        ends = {r(s) for r in ramps for s in (r.start_step, r.end_step)}
-        if any(not 0 <= v < 1 for v in ends):
-            raise ValueError(
-                f"{key}.min_step_percent and {key}.max_step_percent must stay in [0, 1), got "
-                f"{self.min_step_percent} and {self.max_step_percent}"
-            )
-        steps = sorted({0, *(r.start_step for r in ramps), *(r.end_step for r in ramps)})
-        if any(self.min_step_percent(s) > self.max_step_percent(s) for s in steps):
-            raise ValueError(
-                f"{key}.min_step_percent must not exceed {key}.max_step_percent at any step, got "
-                f"{self.min_step_percent} and {self.max_step_percent}"
-            )
+        _check_t_schedules(key, *self.t_schedules(key))
+
+    def t_schedules(self, key: str = "guidance.videocrafter2") -> tuple[StageSchedule, StageSchedule]:
+        return (StageSchedule.parse(self.min_step_percent, f"{key}.min_step_percent"),
+                StageSchedule.parse(self.max_step_percent, f"{key}.max_step_percent"))
 
 
 def _check_step_percents(key: str, low: float, high: float) -> None:

@@ -1,5 +1,8 @@
 """Memory options shared by the real priors: weight dtype, offloading, and the memory-aware VAE encoder.
 
+An out-of-memory error during a run is re-raised as `GPUOutOfMemoryError`, whose one line names these keys
+(`explain_out_of_memory`; conf/preset/paper_24gb.yaml sets them, bench/README.md tables their costs).
+
 The paper's configuration needs an 80 GB GPU (the authors' README: "Original configs used in paper with
 80 GB GPU memory"; their *_low_vram.yaml configs fit 24-48 GB). Three levers bring it down, each a config
 value of every prior:
@@ -12,15 +15,19 @@ value of every prior:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from fourdfy.errors import UserError
+
 if TYPE_CHECKING:  # annotations only: keeps this module (and guidance/base.py) free of the diffusers import
     from diffusers import AutoencoderKL
+
+    from fourdfy.config import RunConfig
 
 # Names accepted by `parse_dtype` (config files hold strings; the code wants torch dtypes).
 _DTYPES: dict[str, torch.dtype] = {
@@ -144,3 +151,53 @@ def encode_latents(
         noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device)
         latents = mean + std * noise
     return latents * float(vae.config.scaling_factor)
+
+
+# ---------------------------------------------------------------- out of memory
+
+PRIOR_KEYS = ("mvdream", "sd_vsd", "zeroscope", "videocrafter2")  # guidance.<key> of each real prior's config
+# Paper-fidelity levers, named last: they change what is optimised (fewer samples, smaller renders).
+LAST_RESORT_KEYS = ("renderer.n_samples", "guidance.mvdream.render_sizes", "guidance.sd_vsd.render_size",
+                    "guidance.zeroscope.render_height/render_width")
+
+
+class GPUOutOfMemoryError(UserError):
+    """The GPU ran out of memory; the message names the memory keys still to set and the preset that sets them."""
+
+
+def memory_keys_to_try(cfg: RunConfig) -> list[str]:
+    """The memory levers ``cfg`` has not pulled, as overrides to try, cheapest in time first (real priors);
+    the field's chunk and the last-resort keys always."""
+    keys: list[str] = []
+    if str(cfg.guidance.backend) == "real":
+        priors = {name: getattr(cfg.guidance, name) for name in PRIOR_KEYS if hasattr(cfg.guidance, name)}
+        video = str(cfg.guidance.video_prior)
+        used = {name: p for name, p in priors.items() if name in ("mvdream", "sd_vsd", video)}
+        keys += [f"guidance.{name}.vae_gradient_checkpointing=true" for name, p in used.items()
+                 if not p.vae_gradient_checkpointing]
+        grad_frames = getattr(used.get(video), "vae_grad_frames", 4)
+        if grad_frames is None or grad_frames > 4:  # the authors' low_ram_vae: 4 (fourdfy_stage_3_low_vram.yaml)
+            keys.append(f"guidance.{video}.vae_grad_frames=4")
+        keys += [f"guidance.{name}.offload=true" for name, p in used.items() if not p.offload]
+    keys.append(f"a smaller field.checkpoint_chunk (now {cfg.field.checkpoint_chunk})")
+    return keys
+
+
+def out_of_memory_message(cfg: RunConfig, error: str, where: str) -> str:
+    """One line: what ran out, where, the keys to set (memory_keys_to_try) and the preset that sets them."""
+    first = error.strip().splitlines()[0] if error.strip() else "CUDA out of memory"
+    return (f"{first.rstrip('.')} ({where}); lower the run's GPU memory with preset=paper_24gb or these keys: "
+            f"{', '.join(memory_keys_to_try(cfg))}; as a last resort {', '.join(LAST_RESORT_KEYS)} "
+            "(bench/README.md gives each key's cost in GiB and seconds)")
+
+
+@contextmanager
+def explain_out_of_memory(cfg: RunConfig, where: Callable[[], str]) -> Iterator[None]:
+    """Re-raise a CUDA out-of-memory error inside the block as GPUOutOfMemoryError (out_of_memory_message);
+    where(): the place, read when it happens (e.g. "at iteration 4211")."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as err:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the caller may go on (a sweep's next job in the same process)
+        raise GPUOutOfMemoryError(out_of_memory_message(cfg, str(err), where())) from err

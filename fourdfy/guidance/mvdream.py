@@ -22,7 +22,6 @@ networks; any diffusers-layout folder with vae/, text_encoder/, tokenizer/ works
 
 from __future__ import annotations
 
-import bisect
 import math
 from dataclasses import dataclass
 
@@ -30,8 +29,9 @@ import torch
 from diffusers import AutoencoderKL
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from fourdfy.clock import Moment
 from fourdfy.guidance.base import GuidanceOut, LatentDiffusionPrior, cfg_halves, cfg_mix, check_prompt, sds_loss
-from fourdfy.guidance.configs import MVDreamConfig
+from fourdfy.guidance.configs import MVDreamConfig, Precision
 from fourdfy.guidance.memory import resolve_dtype
 from fourdfy.guidance.noise import add_noise, scaled_linear_alphas_cumprod
 from fourdfy.guidance.text import view_direction
@@ -77,6 +77,9 @@ class MVDreamGuidance(LatentDiffusionPrior):
         seed: int = 0,
     ) -> None:
         cfg.validate()
+        # guidance.mvdream.precision unless the caller names a dtype (fp16 is CUDA-only: the CPU stays fp32).
+        if dtype is None and Precision(cfg.precision) is Precision.fp32:
+            dtype = torch.float32
         super().__init__(
             vae=models.vae,
             tokenizer=models.tokenizer,
@@ -94,6 +97,9 @@ class MVDreamGuidance(LatentDiffusionPrior):
         self.alphas_cumprod = scaled_linear_alphas_cumprod()
         self.num_timesteps = self.alphas_cumprod.shape[0]
         self.n_views = cfg.n_views
+        self._sizes = cfg.render_size_schedule()
+        self._batches = cfg.batch_size_schedule()
+        self._t_min, self._t_max = cfg.t_schedules()
 
     @classmethod
     def from_config(
@@ -106,6 +112,8 @@ class MVDreamGuidance(LatentDiffusionPrior):
     ) -> MVDreamGuidance:
         """Load the weights named by `cfg` (hub ids or local paths; see weights.py) and build the prior."""
         cfg.validate(config_key)  # before any weights are looked for
+        if dtype is None and Precision(cfg.precision) is Precision.fp32:
+            dtype = torch.float32
         weights_dtype = resolve_dtype(device, dtype)
         # Resolve both sources before loading anything, so missing models fail at once, together.
         key = f"{config_key}.components_model"
@@ -122,16 +130,21 @@ class MVDreamGuidance(LatentDiffusionPrior):
         )
         return cls(cfg, models, device=device, dtype=dtype, seed=seed)
 
-    def render_size(self, step: int) -> tuple[int, int]:
-        """Render side at training step ``step``: render_sizes[number of milestones <= step] (authors: 64² for
-        the first 5000 steps, then 256²; the renders are resized to image_size either way)."""
-        side = self.cfg.render_sizes[bisect.bisect_right(self.cfg.render_size_milestones, step)]
+    def render_size(self, step: Moment) -> tuple[int, int]:
+        """Render side at a stage-local step: the stage's render_sizes phase (authors: 64² for the first 5000
+        steps of stages 1 and 2, then 256²; 256² in stage 3; the renders are resized to image_size either way)."""
+        side = int(self._sizes.at(step))
         return side, side
 
-    def timestep_range(self, step: int) -> tuple[int, int]:
-        """(t_min, t_max), inclusive, at training step `step` (authors' update_step)."""
-        lo = _step_index(self.cfg.min_step_percent(step), self.num_timesteps)
-        hi = _step_index(self.cfg.max_step_percent(step), self.num_timesteps)
+    def batch_size(self, step: Moment) -> int:
+        """Renders per 3D step: the stage's batch_sizes phase (authors: 8 = two groups of 4 views for the first
+        5000 steps of stage 1, then 4)."""
+        return int(self._batches.at(step))
+
+    def timestep_range(self, step: Moment) -> tuple[int, int]:
+        """(t_min, t_max), inclusive, at a stage-local step (authors' update_step with C() ramps)."""
+        lo = _step_index(self._t_min.at(step), self.num_timesteps)
+        hi = _step_index(self._t_max.at(step), self.num_timesteps)
         if not 0 <= lo <= hi < self.num_timesteps:
             raise ValueError(
                 f"MVDream t-range at step {step} is [{lo}, {hi}]; min/max_step_percent must give "
@@ -148,10 +161,10 @@ class MVDreamGuidance(LatentDiffusionPrior):
                 f"renders: MVDream needs a multiple of n_views={self.n_views} views (the views of each "
                 f"object consecutive), got B={b}"
             )
-        if h != w or h not in self.cfg.render_sizes:
+        if h != w or h not in self._sizes.all_values():
             raise ValueError(
                 "renders: MVDream takes square renders of a size in "
-                f"render_sizes={tuple(self.cfg.render_sizes)}, got {h}x{w}"
+                f"render_sizes={self.cfg.render_sizes}, got {h}x{w}"
             )
         if len(cameras) != b:
             raise ValueError(f"cameras: need one camera per render ({b}), got {len(cameras)}")
@@ -162,7 +175,7 @@ class MVDreamGuidance(LatentDiffusionPrior):
         return self.vae_latents(renders, (self.cfg.image_size,) * 2, self.cfg.sample_posterior)
 
     def __call__(
-        self, renders: torch.Tensor, prompt: str, cameras: Cameras, times: torch.Tensor, step: int
+        self, renders: torch.Tensor, prompt: str, cameras: Cameras, times: torch.Tensor, step: Moment
     ) -> GuidanceOut:
         """renders: [B, H, W, 3] in [0, 1], B = k·n_views; cameras: B cameras; times unused (static prior)."""
         self._check_inputs(renders, prompt, cameras)
@@ -173,7 +186,7 @@ class MVDreamGuidance(LatentDiffusionPrior):
         latents: torch.Tensor,
         prompt: str,
         cameras: Cameras,
-        step: int,
+        step: Moment,
         t: int | None = None,
         noise: torch.Tensor | None = None,
     ) -> GuidanceOut:

@@ -17,14 +17,6 @@ from fourdfy.kinds import UPDATE_KINDS, UpdateKind
 
 if TYPE_CHECKING:
     from fourdfy.config import RunConfig
-    from fourdfy.hybrid import ScheduleConfig
-
-
-def video_stage_start(schedule: ScheduleConfig) -> int:
-    """The global iteration at which stage 3 (the video updates) begins: the clock of VideoCrafter2's t range."""
-    from fourdfy.hybrid import HybridSchedule
-
-    return HybridSchedule(schedule).stage_ends[1]
 
 
 def _video_builder(cfg: RunConfig, device: torch.device) -> Callable[[], Guidance]:
@@ -34,8 +26,7 @@ def _video_builder(cfg: RunConfig, device: torch.device) -> Callable[[], Guidanc
         from fourdfy.guidance.videocrafter2 import VideoCrafter2Guidance
 
         return lambda: VideoCrafter2Guidance.from_config(
-            g.videocrafter2, device, seed=cfg.seed + 3, stage_start=video_stage_start(cfg.schedule),
-            config_key="guidance.videocrafter2",
+            g.videocrafter2, device, seed=cfg.seed + 3, config_key="guidance.videocrafter2",
         )
     from fourdfy.guidance.zeroscope import ZeroscopeGuidance
 
@@ -44,10 +35,26 @@ def _video_builder(cfg: RunConfig, device: torch.device) -> Callable[[], Guidanc
     )
 
 
+def _random_guidances(cfg: RunConfig, used: set[UpdateKind]) -> dict[UpdateKind, Guidance]:
+    """The used priors with random weights (fourdfy/guidance/random_weights.py); the hub is never asked."""
+    from fourdfy.errors import ConfigError
+    from fourdfy.guidance.random_weights import build_random_guidances
+
+    g = cfg.guidance
+    if UpdateKind.VIDEO in used and VideoPrior(g.video_prior) is not VideoPrior.zeroscope:
+        raise ConfigError(
+            f"guidance.weights={g.weights} builds Zeroscope as the video prior only, but guidance.video_prior="
+            f"{g.video_prior}; set guidance.video_prior=zeroscope or guidance.weights=pretrained"
+        )
+    guidances, _ = build_random_guidances(cfg, tiny=str(g.weights) == "random_tiny", kinds=used)
+    return guidances
+
+
 def build_real_guidances(cfg: RunConfig) -> dict[UpdateKind, Guidance]:
     """MVDream (3D), SD 2.1 VSD (IMG) and Zeroscope or VideoCrafter2 (VID) for the update kinds the schedule uses.
 
-    Every missing model is reported in one error, so a user fixes all config keys in one go.
+    Every missing model is reported in one error, so a user fixes all config keys in one go. With
+    guidance.weights=random or random_tiny the networks are built with random weights instead (nothing loaded).
     """
     # Local imports: the priors pull in diffusers/transformers/peft (~12 s of CPU), which only the real
     # backend needs, so `import fourdfy.api` stays light; hybrid is local to keep this module standalone.
@@ -57,6 +64,8 @@ def build_real_guidances(cfg: RunConfig) -> dict[UpdateKind, Guidance]:
     from fourdfy.hybrid import HybridSchedule
 
     used = HybridSchedule(cfg.schedule).kinds_used()
+    if str(cfg.guidance.weights) != "pretrained":  # guidance.weights=random|random_tiny: nothing is loaded
+        return _random_guidances(cfg, used)
     device = torch.device(cfg.device)
     g = cfg.guidance
     builders: dict[UpdateKind, Callable[[], Guidance]] = {

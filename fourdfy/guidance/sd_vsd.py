@@ -35,6 +35,7 @@ from diffusers.models.embeddings import TimestepEmbedding
 from peft import LoraConfig
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from fourdfy.clock import Moment
 from fourdfy.guidance.base import GuidanceOut, LatentDiffusionPrior, cfg_halves, cfg_mix, check_prompt, sds_loss
 from fourdfy.guidance.configs import SDVSDConfig
 from fourdfy.guidance.memory import resolve_dtype
@@ -116,8 +117,7 @@ class SDVSDGuidance(LatentDiffusionPrior):
         self.alphas_cumprod_lora = models.schedule_lora.alphas_cumprod
         self.lora_v_prediction = models.schedule_lora.prediction_type == PredictionType.v_prediction
         self.num_timesteps = self.alphas_cumprod.shape[0]
-        self.min_step = int(self.num_timesteps * cfg.min_step_percent)  # authors' int(T * percent)
-        self.max_step = int(self.num_timesteps * cfg.max_step_percent)
+        self._t_min, self._t_max = cfg.t_schedules()
 
         self.lora_params, self.camera_embedding = self._add_lora_and_camera(seed)
         self.optimizer = torch.optim.AdamW(
@@ -130,6 +130,16 @@ class SDVSDGuidance(LatentDiffusionPrior):
         # fp16 backward through the frozen UNet underflows: without loss scaling some LoRA tensors got exactly
         # zero gradient on an H100 (lora_B stayed 0). Dynamic loss scaling for fp16 weights; off otherwise.
         self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+
+    def reset_optimizer(self) -> None:
+        """Fresh AdamW moments and loss scale for the LoRA (a stage start; the authors' next stage is a new run
+        whose optimiser holds the guidance's LoRA group, configs/fourdfy_stage_2.yaml params.guidance_single_view)."""
+        self.optimizer.state.clear()
+        self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+
+    def timestep_range(self, step: Moment) -> tuple[int, int]:
+        """(min, max) timestep, inclusive, at a stage-local step: the authors' int(T · percent)."""
+        return int(self.num_timesteps * self._t_min.at(step)), int(self.num_timesteps * self._t_max.at(step))
 
     def _add_lora_and_camera(self, seed: int) -> tuple[dict[str, torch.nn.Parameter], TimestepEmbedding]:
         """peft LoRA on the LoRA UNet's attention projections + the camera class embedding, in fp32."""
@@ -224,15 +234,15 @@ class SDVSDGuidance(LatentDiffusionPrior):
     # ---------------------------------------------------------------- VSD loss
 
     def __call__(
-        self, renders: torch.Tensor, prompt: str, cameras: Cameras, times: torch.Tensor, step: int
+        self, renders: torch.Tensor, prompt: str, cameras: Cameras, times: torch.Tensor, step: Moment
     ) -> GuidanceOut:
-        """renders: [B, 256, 256, 3] in [0, 1]; cameras: B cameras; times, step unused (fixed t range).
+        """renders: [B, 256, 256, 3] in [0, 1]; cameras: B cameras; times unused; step gives the t range.
 
         The result's `latents` [B, 4, 64, 64] (detached) are for this iteration's `finetune_step`.
         """
         self._check_inputs(renders, prompt, cameras)
         latents = self.encode(renders)
-        out = self.loss_on_latents(latents, prompt, cameras)
+        out = self.loss_on_latents(latents, prompt, cameras, step=step)
         out.latents = latents.detach()
         return out
 
@@ -243,13 +253,17 @@ class SDVSDGuidance(LatentDiffusionPrior):
         cameras: Cameras,
         t: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
+        step: Moment | None = None,
     ) -> GuidanceOut:
-        """The VSD loss on latents [B, 4, h, w]; `t` [B] / `noise` override the random draws."""
+        """The VSD loss on latents [B, 4, h, w]; `t` [B] / `noise` override the random draws; `step` gives the
+        t range they are drawn from (needed when `t` is None)."""
         b = latents.shape[0]
         if len(cameras) != b:
             raise ValueError(f"cameras: need one camera per latent ({b}), got {len(cameras)}")
         if t is None:
-            t = self.draw_timesteps(self.min_step, self.max_step, b)
+            if step is None:
+                raise ValueError("loss_on_latents needs `step` (for the t range) or `t`")
+            t = self.draw_timesteps(*self.timestep_range(step), b)
         if noise is None:
             noise = self.draw_noise(latents.shape)
         t = t.to(self.device)
@@ -307,15 +321,18 @@ class SDVSDGuidance(LatentDiffusionPrior):
         renders: torch.Tensor,
         prompt: str,
         cameras: Cameras,
-        step: int,
+        step: Moment,
         latents: torch.Tensor | None = None,
     ) -> dict[str, float]:
-        """One AdamW step of the LoRA + camera embedding on the (detached) renders (paper Eq. 5).
+        """One AdamW step of the LoRA + camera embedding on the (detached) renders (paper Eq. 5); nothing with
+        guidance.sd_vsd.train_lora=false (the authors' first public commit, where the LoRA never trained).
 
         latents: [B, 4, 64, 64], the `GuidanceOut.latents` of this iteration's call on `renders` (used as
         they are: no second VAE pass, no posterior draw); None encodes `renders` here.
         """
         self._check_inputs(renders, prompt, cameras)
+        if not self.cfg.train_lora:
+            return {}
         if latents is None:
             with torch.no_grad():
                 latents = self.encode(renders.detach())

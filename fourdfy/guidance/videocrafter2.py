@@ -12,8 +12,7 @@ motion amplification of the score s = ε̂ − ε along time, s ← mean_T(s) + 
 The t range anneals, `min_step_percent` [0, 0.02, 0.02, 5000] and `max_step_percent` [0, 0.98, 0.5, 5000], on
 the clock of stage 3: the authors run each stage as a new training run started from the previous one's weights
 (README: `system.weights=$ckpt`), so threestudio's `global_step` that `update_step` reads restarts at 0 there.
-Our trainer passes the global iteration as `step`; the prior subtracts `stage_start`, the iteration at which
-stage 3 begins (`fourdfy.guidance.real` passes `HybridSchedule.stage_ends[1]`).
+Our trainer passes each call's Moment (fourdfy/clock.py), whose stage-local step the ramps read.
 
 The noise schedule is the yaml's (1000 steps, linear_start 0.00085, linear_end 0.012). Its `use_scale: true,
 scale_b: 0.7` change only LatentDiffusion.q_sample (x0 scaled by a per-t factor); the authors' SDS noises with
@@ -26,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from fourdfy.clock import Moment
 from fourdfy.guidance.base import (
     GuidanceOut,
     LatentDiffusionPrior,
@@ -67,6 +67,9 @@ def amplify_motion(score: torch.Tensor, scale: float) -> torch.Tensor:
     return mean + scale * (score - mean)
 
 
+STAGE3_START = Moment(iteration=0, stage=3, stage_step=0)  # the default t range of loss_on_latents
+
+
 class VideoCrafter2Guidance(LatentDiffusionPrior):
     """The VideoCrafter2 video prior: implements `fourdfy.guidance.base.Guidance` (no trainable state).
 
@@ -83,17 +86,13 @@ class VideoCrafter2Guidance(LatentDiffusionPrior):
         device: torch.device | str = "cpu",
         dtype: torch.dtype | None = None,
         seed: int = 0,
-        stage_start: int = 0,
         config_key: str = "guidance.videocrafter2",
     ) -> None:
-        """stage_start: the global iteration at which the stage using this prior begins (the t-range clock's 0).
-        dtype: weight dtype; None = `weights_dtype(cfg, device)` (fp32 unless half_precision_weights)."""
+        """dtype: weight dtype; None = `weights_dtype(cfg, device)` (fp32 unless half_precision_weights)."""
         cfg.validate(config_key)
         if models.schedule.prediction_type != PredictionType.epsilon:
             raise ValueError(f"{config_key}: VideoCrafter2 is an ε-prediction model, got a "
                              f"{models.schedule.prediction_type} schedule")
-        if stage_start < 0:
-            raise ValueError(f"stage_start must be >= 0 (a global iteration), got {stage_start}")
         super().__init__(
             vae=models.vae,
             tokenizer=models.tokenizer,
@@ -110,7 +109,7 @@ class VideoCrafter2Guidance(LatentDiffusionPrior):
         self.schedule = models.schedule
         self.alphas_cumprod = models.schedule.alphas_cumprod  # float64 [T] (float32 values, as the authors')
         self.num_timesteps = self.alphas_cumprod.shape[0]
-        self.stage_start = stage_start
+        self._t_min, self._t_max = cfg.t_schedules(config_key)
         self.n_frames = cfg.n_frames
         self.n_views = cfg.n_frames
 
@@ -121,7 +120,6 @@ class VideoCrafter2Guidance(LatentDiffusionPrior):
         device: torch.device | str = "cpu",
         dtype: torch.dtype | None = None,
         seed: int = 0,
-        stage_start: int = 0,
         config_key: str = "guidance.videocrafter2",
     ) -> VideoCrafter2Guidance:
         """Load the checkpoint named by `cfg` (hub id or local path; see videocrafter_weights.py) and build."""
@@ -137,21 +135,17 @@ class VideoCrafter2Guidance(LatentDiffusionPrior):
             dtype=dtype,
             trust_pickle=cfg.trust_pickle,
         )
-        return cls(cfg, models, device=device, dtype=dtype, seed=seed, stage_start=stage_start,
-                   config_key=config_key)
+        return cls(cfg, models, device=device, dtype=dtype, seed=seed, config_key=config_key)
 
     # ---------------------------------------------------------------- t range
 
-    def step_range(self, step: int) -> tuple[int, int]:
-        """(min, max) timestep at global iteration `step`: int(T · percent(step − stage_start)), inclusive.
+    def step_range(self, step: Moment) -> tuple[int, int]:
+        """(min, max) timestep at a stage-local step: int(T · percent(stage_step)), inclusive.
 
         As threestudio's update_step: `self.min_step = int(self.num_train_timesteps * min_step_percent)` with the
-        percentages from `C([start, v0, v1, end], epoch, global_step)` (our `Ramp`, same arithmetic).
+        percentages from `C([start, v0, v1, end], epoch, global_step)` (our StageSchedule, same arithmetic).
         """
-        local = step - self.stage_start
-        low = int(self.num_timesteps * self.cfg.min_step_percent(local))
-        high = int(self.num_timesteps * self.cfg.max_step_percent(local))
-        return low, high
+        return int(self.num_timesteps * self._t_min.at(step)), int(self.num_timesteps * self._t_max.at(step))
 
     # ---------------------------------------------------------------- renders -> latents
 
@@ -182,10 +176,10 @@ class VideoCrafter2Guidance(LatentDiffusionPrior):
     # ---------------------------------------------------------------- Guidance
 
     def __call__(
-        self, renders: torch.Tensor, prompt: str, cameras: Cameras, times: torch.Tensor, step: int
+        self, renders: torch.Tensor, prompt: str, cameras: Cameras, times: torch.Tensor, step: Moment
     ) -> GuidanceOut:
         """renders: [F, H, W, 3] frames of one camera at consecutive times; cameras: F (equal) cameras;
-        step: the global iteration (the t range follows step − stage_start)."""
+        step: the iteration's stage-local step gives the t range."""
         self._check_inputs(renders, prompt, cameras)
         low, high = self.step_range(step)
         t = int(self.draw_timesteps(low, high, 1))  # torch.randint(min_step, max_step + 1, [1])
@@ -210,14 +204,14 @@ class VideoCrafter2Guidance(LatentDiffusionPrior):
         cameras: Cameras,
         t: int | None = None,
         noise: torch.Tensor | None = None,
-        step: int | None = None,
+        step: Moment | None = None,
     ) -> GuidanceOut:
         """The video SDS loss on latents [1, 4, F, h, w]; `t` / `noise` override the random draws (t drawn
         from the range at `step`, default the stage's first step, when not given)."""
         if latents.ndim != 5 or latents.shape[0] != 1:
             raise ValueError(f"latents must be [1, 4, F, h, w], got {tuple(latents.shape)}")
         if t is None:
-            low, high = self.step_range(self.stage_start if step is None else step)
+            low, high = self.step_range(STAGE3_START if step is None else step)
             t = int(self.draw_timesteps(low, high, 1))
         if noise is None:
             noise = self.draw_noise(latents.shape)

@@ -17,6 +17,7 @@ import torch
 from diffusers import AutoencoderKL, UNet3DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from fourdfy.clock import Moment
 from fourdfy.guidance.base import (
     GuidanceOut,
     LatentDiffusionPrior,
@@ -136,7 +137,7 @@ class ZeroscopeGuidance(LatentDiffusionPrior):
         return latents.permute(1, 0, 2, 3).unsqueeze(0)  # [F, 4, h, w] -> [1, 4, F, h, w]
 
     def __call__(
-        self, renders: torch.Tensor, prompt: str, cameras: Cameras, times: torch.Tensor, step: int
+        self, renders: torch.Tensor, prompt: str, cameras: Cameras, times: torch.Tensor, step: Moment
     ) -> GuidanceOut:
         """renders: [F, H, W, 3] frames of one camera at consecutive times; cameras: F (equal) cameras."""
         self._check_inputs(renders, prompt, cameras)

@@ -1,4 +1,4 @@
-"""Camera rays: one per pixel centre, and where they enter and leave the scene's bounding sphere."""
+"""Camera rays: one per pixel centre, and where they enter and leave the scene's bounding sphere or box."""
 
 from __future__ import annotations
 
@@ -60,4 +60,32 @@ def ray_sphere_near_far(
     hit = (disc > 0) & (far > near)
     near = torch.where(hit, near, closest)
     far = torch.where(hit, far, closest)
+    return near, far
+
+
+def ray_box_near_far(
+    origins: torch.Tensor, directions: torch.Tensor, half_size: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distances along each ray where it enters and leaves the cube [-half_size, half_size]^3 (slab method).
+
+    origins, directions: [..., 3] (directions need not be unit; distances are in units of |direction|)
+    -> near, far: [...], 0 <= near <= far. A ray starting inside the cube gets near = 0. A ray that misses
+    the cube (or meets it only behind its origin, or only touches an edge) gets near = far = 0.
+    A direction component of 0 makes that slab either everything (origin inside it) or nothing.
+    """
+    if not half_size > 0:
+        raise ValueError(f"half_size must be > 0, got {half_size}")
+    zero = directions == 0
+    safe = torch.where(zero, torch.ones_like(directions), directions)
+    t1 = (-half_size - origins) / safe
+    t2 = (half_size - origins) / safe
+    inside_slab = origins.abs() <= half_size
+    inf = torch.full_like(t1, float("inf"))
+    lo = torch.where(zero, torch.where(inside_slab, -inf, inf), torch.minimum(t1, t2))
+    hi = torch.where(zero, torch.where(inside_slab, inf, -inf), torch.maximum(t1, t2))
+    near = lo.max(dim=-1).values.clamp(min=0.0)
+    far = hi.min(dim=-1).values
+    hit = far > near
+    near = torch.where(hit, near, torch.zeros_like(near))
+    far = torch.where(hit, far, torch.zeros_like(far))
     return near, far

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from fourdfy.atomic import atomic_path
+from fourdfy.clock import Moment
 from fourdfy.enums import StrChoice
 from fourdfy.guidance.base import GuidanceOut, sds_loss
 from fourdfy.guidance.noise import scaled_linear_alphas_cumprod
@@ -328,11 +329,18 @@ class _ClosedFormPrior:
             grad = w * (eps - eps_ref)
         return GuidanceOut(sds_loss(x, grad), {"t": float(t), "grad_norm": float(grad.norm())})
 
-    def render_size(self, step: int) -> tuple[int, int]:
+    def render_size(self, step: Moment) -> tuple[int, int]:
         """(height, width) of the renders: native_size at every step."""
         return self.native_size
 
-    def finetune_step(self, renders: torch.Tensor, prompt: str, cameras: Cameras, step: int,
+    def batch_size(self, step: Moment) -> int:
+        """Renders per step: n_views at every step."""
+        return self.n_views
+
+    def reset_optimizer(self) -> None:
+        """No optimiser (the toy VSD's buffer is its "LoRA weights", which a stage start keeps)."""
+
+    def finetune_step(self, renders: torch.Tensor, prompt: str, cameras: Cameras, step: Moment,
                       latents: torch.Tensor | None = None) -> dict[str, float]:
         return {}
 
