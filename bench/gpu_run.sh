@@ -86,6 +86,8 @@ fi
 step bench_paper 75 bench.log "$PY" -m bench.gpu --preset paper --iters 2 --warmup 1 --out "$OUT/bench_paper.json"
 step bench_paper_24gb 90 bench.log "$PY" -m bench.gpu --preset paper_24gb --iters 2 --warmup 1 \
   --out "$OUT/bench_paper_24gb.json"
+# 5. fp16 vs fp32 MVDream at CFG 50 on the full-size UNet (issue #15 row 7).
+step mvdream_precision 60 precision.log "$PY" -m bench.mvdream_precision --full
 for f in "$OUT"/bench_*.json; do
   [ -f "$f" ] && "$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[1].rsplit('/',1)[-1], \
 {k: (e.get('iteration_s'), e.get('peak_memory_gib'), e.get('error')) for k, e in r['kinds'].items()}, r['projection'])" \

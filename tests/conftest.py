@@ -15,6 +15,12 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
+# Triton's interpreter on machines without an NVIDIA driver (tests/test_hashgrid_triton.py). It must be set before
+# anything imports triton: triton.language's own @jit helpers are built at import, in the mode of that moment,
+# and a compiled-mode helper cannot be called from an interpreted kernel (a library imported by an earlier test
+# module did import triton first in the whole suite). On a GPU machine the kernels compile as in production.
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 # One toy-data cache per test session (inherited by subprocesses and SLURM jobs started by tests):
 # hermetic, and each data set is still rendered only once.
 os.environ.setdefault("FOURDFY_CACHE", tempfile.mkdtemp(prefix="fourdfy-test-cache-"))
