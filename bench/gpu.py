@@ -107,7 +107,7 @@ TINY_OVERRIDES = [
 ]
 PRIOR_KEYS = ("mvdream", "sd_vsd", "zeroscope")  # guidance.<key> of each prior's config
 # --preset: the conf/preset/ file the run starts from (lowmem = paper + bench_overrides' memory options).
-PRESETS = {"paper": "paper", "lowmem": "paper", "paper_24gb": "paper_24gb"}
+PRESETS = {"paper": "paper", "lowmem": "paper", "paper_24gb": "paper_24gb", "paper_vc": "paper_vc"}
 
 
 def bench_overrides(preset: str, tiny: bool, device: str, occupancy: bool = True,
@@ -133,9 +133,13 @@ def bench_overrides(preset: str, tiny: bool, device: str, occupancy: bool = True
 
 def network_params(guidances: dict[UpdateKind, Any]) -> dict[str, int]:
     """Parameter count of each network of the priors (one VAE and text encoder entry: they are alike)."""
+    from fourdfy.guidance.videocrafter2 import VideoCrafter2Guidance
+
     g3, gi, gv = (guidances.get(k) for k in (UpdateKind.MULTIVIEW, UpdateKind.IMAGE, UpdateKind.VIDEO))
+    video_unet = "videocrafter2_unet" if isinstance(gv, VideoCrafter2Guidance) else "zeroscope_unet3d"
     nets = {"mvdream_unet": g3 and g3.unet, "sd21_base_unet": gi and gi.unet,
-            "sd21_v_unet": gi and (None if gi.shared else gi.unet_lora), "zeroscope_unet3d": gv and gv.unet}
+            "sd21_v_unet": gi and (None if gi.shared else gi.unet_lora),
+            video_unet: gv and gv.unet}
     any_prior = g3 or gi or gv
     nets["vae"] = any_prior and any_prior.vae
     nets["clip_text_encoder"] = any_prior and any_prior.text.text_encoder
@@ -435,6 +439,8 @@ def floor_parts(kind: UpdateKind, guidance: Any, device: torch.device) -> dict[s
         return {"unet_cfg_forward_pretrained_and_lora": unets, "lora_finetune_fwd_bwd": lora_train,
                 "vae_encode_fwd_bwd": vae_fwd_bwd((1, 3, s, s))}
     if kind == UpdateKind.VIDEO:
+        from fourdfy.guidance.videocrafter2 import VideoCrafter2Guidance
+
         c = guidance.cfg
         z = torch.randn(2, 4, c.n_frames, c.image_height // 8, c.image_width // 8, device=device, dtype=dtype)
         t = torch.full((2,), 500, device=device)
@@ -442,7 +448,10 @@ def floor_parts(kind: UpdateKind, guidance: Any, device: torch.device) -> dict[s
 
         @torch.no_grad()
         def unet3d() -> None:
-            guidance.unet(z, t, encoder_hidden_states=ctx)
+            if isinstance(guidance, VideoCrafter2Guidance):  # its UNet's call, with fps conditioning
+                guidance.unet_eps(z[:1], 500, ctx)
+            else:  # Zeroscope: diffusers' UNet3DConditionModel
+                guidance.unet(z, t, encoder_hidden_states=ctx)
         n_grad = c.vae_grad_frames or c.n_frames  # frames encoded with a graph; the rest are forward only
         parts = {"unet_cfg_forward": unet3d,
                  "vae_encode_fwd_bwd": vae_fwd_bwd((n_grad, 3, c.image_height, c.image_width))}

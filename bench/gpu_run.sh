@@ -59,7 +59,7 @@ fi
 'diffusers', diffusers.__version__, 'gpu', torch.cuda.is_available() and torch.cuda.get_device_name())" >> "$SUMMARY" 2>&1
 
 # 2. The tests that use CUDA when it is there (none is marked: they ask torch.cuda.is_available()).
-step tests 50 tests.log "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_hashgrid.py tests/test_hashgrid_triton.py
+step tests 40 tests.log "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_hashgrid.py tests/test_hashgrid_triton.py
 
 # 3. The paper pipeline with random full-size priors: stopped by SIGUSR2 (checkpoint + exit), then resumed.
 RUN=$WORK/run
@@ -73,9 +73,9 @@ print('pipeline config composes:', c.preset.name, c.guidance.weights, c.schedule
     | tee -a "$SUMMARY"
 fi
 rm -rf "$RUN"
-step pipeline_until_usr2 90 pipeline.log timeout --signal=USR2 75 "$PY" run.py "${PIPELINE[@]}"
+step pipeline_until_usr2 80 pipeline.log timeout --signal=USR2 65 "$PY" run.py "${PIPELINE[@]}"
 ls "$RUN/checkpoints" >> "$OUT/pipeline.log" 2>&1
-step pipeline_resume 140 pipeline.log "$PY" run.py "${PIPELINE[@]}"
+step pipeline_resume 120 pipeline.log "$PY" run.py "${PIPELINE[@]}"
 if [ "$DRY_RUN" != 1 ]; then
   grep -h "resumed\|finished\|stage .* starts\|Error\|error" "$OUT/pipeline.log" | tail -12 >> "$SUMMARY"
   [ -f "$RUN/DONE" ] && echo "   pipeline: DONE" >> "$SUMMARY" || echo "   pipeline: NOT DONE" >> "$SUMMARY"
@@ -83,11 +83,14 @@ if [ "$DRY_RUN" != 1 ]; then
 fi
 
 # 4. bench.gpu: per-kind iteration, parts, floor, peak memory, projected hours per scene.
-step bench_paper 75 bench.log "$PY" -m bench.gpu --preset paper --iters 2 --warmup 1 --out "$OUT/bench_paper.json"
-step bench_paper_24gb 90 bench.log "$PY" -m bench.gpu --preset paper_24gb --iters 2 --warmup 1 \
+step bench_paper 60 bench.log "$PY" -m bench.gpu --preset paper --iters 2 --warmup 1 --out "$OUT/bench_paper.json"
+step bench_paper_24gb 60 bench.log "$PY" -m bench.gpu --preset paper_24gb --iters 2 --warmup 1 \
   --out "$OUT/bench_paper_24gb.json"
+# VideoCrafter2 (issue #19): the VID update of preset=paper_vc with random full-size weights.
+step bench_paper_vc 45 bench.log "$PY" -m bench.gpu --preset paper_vc --kinds vid --iters 2 --warmup 1 \
+  --out "$OUT/bench_paper_vc.json"
 # 5. fp16 vs fp32 MVDream at CFG 50 on the full-size UNet (issue #15 row 7).
-step mvdream_precision 60 precision.log "$PY" -m bench.mvdream_precision --full
+step mvdream_precision 30 precision.log "$PY" -m bench.mvdream_precision --full
 for f in "$OUT"/bench_*.json; do
   [ -f "$f" ] && "$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[1].rsplit('/',1)[-1], \
 {k: (e.get('iteration_s'), e.get('peak_memory_gib'), e.get('error')) for k, e in r['kinds'].items()}, r['projection'])" \

@@ -11,7 +11,8 @@ tiny networks of the same classes (``TINY_*``), for the same pipeline on a CPU i
 render and image sizes must then be small too (``TINY_PRIOR_OVERRIDES``).
 
 The tokenizer is a stand-in (``StubTokenizer``: no vocabulary files); weights are drawn from a fixed seed
-(``RANDOM_WEIGHTS_SEED``), so a resumed run rebuilds the same priors. VideoCrafter2 has no random build here.
+(``RANDOM_WEIGHTS_SEED``), so a resumed run rebuilds the same priors. The video prior is the one
+``guidance.video_prior`` names: Zeroscope, or VideoCrafter2 (its released inference_t2v_512_v2.0 configs).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from fourdfy.guidance.base import Guidance
+from fourdfy.guidance.configs import VideoPrior
 from fourdfy.kinds import UPDATE_KINDS, UpdateKind
 
 if TYPE_CHECKING:
@@ -144,6 +146,24 @@ TINY_MVDREAM_UNET: dict[str, Any] = {
     "use_checkpoint": False, "legacy": False, "camera_dim": 16,
 }
 
+# A 2-level VideoCrafterUNet of 4 frames (the shape of shared/testdata/videocrafter2/config.json), an lvdm VAE
+# whose 4 levels make latents 1/8 of the image, and a 3-block OpenCLIP text tower ("penultimate" uses 2).
+TINY_VIDEOCRAFTER_UNET: dict[str, Any] = {
+    "in_channels": 4, "out_channels": 4, "model_channels": 32, "attention_resolutions": [2, 1],
+    "num_res_blocks": 1, "channel_mult": [1, 2], "num_head_channels": 16, "transformer_depth": 1,
+    "context_dim": TINY_CONTEXT, "use_linear": True, "use_checkpoint": False, "temporal_conv": True,
+    "temporal_attention": True, "temporal_selfatt_only": True, "use_relative_position": False,
+    "use_causal_attention": False, "temporal_length": 4, "addition_attention": True, "fps_cond": True,
+}
+TINY_VIDEOCRAFTER_VAE: dict[str, Any] = {
+    "embed_dim": 4, "double_z": True, "z_channels": 4, "in_channels": 3, "out_ch": 3, "ch": 32,
+    "ch_mult": [1, 2, 2, 2], "num_res_blocks": 1, "attn_resolutions": [],
+}
+TINY_VIDEOCRAFTER_TEXT: dict[str, Any] = {
+    "context_length": 77, "vocab_size": 49408, "width": TINY_CONTEXT, "heads": 4, "layers": 3, "mlp_ratio": 4.0,
+    "layer": "penultimate",
+}
+
 # The guidance.* sizes the tiny networks need (latents 4×4, 8×8, 4 frames of 4×6, as tests/helpers/tiny_models.py);
 # guidance.weights=random_tiny runs must add them (with trainer.n_frames=4, which the trainer checks against
 # the video prior's frames).
@@ -153,6 +173,9 @@ TINY_PRIOR_OVERRIDES = [
     "guidance.sd_vsd.render_size=32", "guidance.sd_vsd.image_size=64",
     "guidance.zeroscope.n_frames=4", "guidance.zeroscope.render_height=16", "guidance.zeroscope.render_width=24",
     "guidance.zeroscope.image_height=32", "guidance.zeroscope.image_width=48",
+    "guidance.videocrafter2.n_frames=4", "guidance.videocrafter2.render_height=16",
+    "guidance.videocrafter2.render_width=24", "guidance.videocrafter2.image_height=32",
+    "guidance.videocrafter2.image_width=48",
     "trainer.n_frames=4",
 ]
 
@@ -203,6 +226,7 @@ def build_random_guidances(
     from fourdfy.guidance.mvdream import MVDreamGuidance, MVDreamModels
     from fourdfy.guidance.noise import scaled_linear_alphas_cumprod
     from fourdfy.guidance.sd_vsd import SDVSDGuidance, SDVSDModels
+    from fourdfy.guidance.videocrafter2 import VideoCrafter2Guidance
     from fourdfy.guidance.weights import NoiseSchedule, PredictionType
     from fourdfy.guidance.zeroscope import ZeroscopeGuidance, ZeroscopeModels
     from fourdfy.models.mvdream_unet import MVDREAM_SD21_BASE_4VIEW_CONFIG, MultiViewUNet
@@ -259,7 +283,13 @@ def build_random_guidances(
             n_params.update(sd21_base_unet=count_parameters(sd.unet), sd21_v_unet=count_parameters(sd.unet_lora),
                             vae=count_parameters(sd.vae), clip_text_encoder=count_parameters(sd.text_encoder))
             guidances[UpdateKind.IMAGE] = SDVSDGuidance(g.sd_vsd, sd, device=device, seed=cfg.seed + 2)
-        if UpdateKind.VIDEO in kinds:
+        if UpdateKind.VIDEO in kinds and VideoPrior(g.video_prior) is VideoPrior.videocrafter2:
+            torch.manual_seed(RANDOM_WEIGHTS_SEED + 3)
+            vc = _videocrafter2_models(tiny, make)
+            n_params.update(videocrafter2_unet=count_parameters(vc.unet), videocrafter2_vae=count_parameters(vc.vae),
+                            openclip_text_encoder=count_parameters(vc.text_encoder))
+            guidances[UpdateKind.VIDEO] = VideoCrafter2Guidance(g.videocrafter2, vc, device=device, seed=cfg.seed + 3)
+        elif UpdateKind.VIDEO in kinds:
             torch.manual_seed(RANDOM_WEIGHTS_SEED + 3)
             zs = ZeroscopeModels(
                 unet=make(lambda: UNet3DConditionModel(**unet3d)), vae=vae(), tokenizer=StubTokenizer(),
@@ -270,3 +300,28 @@ def build_random_guidances(
             guidances[UpdateKind.VIDEO] = ZeroscopeGuidance(g.zeroscope, zs, device=device,
                                                             seed=cfg.seed + 3)
     return guidances, n_params
+
+
+def _videocrafter2_models(tiny: bool, make: Callable[[Callable[[], torch.nn.Module]], torch.nn.Module]) -> Any:
+    """VideoCrafter2's UNet, VAE and penultimate-layer text encoder with random weights, from the released configs
+    (fourdfy/guidance/videocrafter_weights.py; tiny ones with ``tiny``), its schedule and the stub tokenizer."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    from fourdfy.guidance.videocrafter_weights import (
+        VIDEOCRAFTER2_TEXT_CONFIG,
+        VIDEOCRAFTER2_VAE_CONFIG,
+        VideoCrafter2Models,
+        clip_text_config,
+        diffusers_vae_config,
+        videocrafter2_schedule,
+    )
+    from fourdfy.models.videocrafter_unet import VIDEOCRAFTER2_T2V_512_CONFIG, VideoCrafterUNet
+
+    unet_cfg = TINY_VIDEOCRAFTER_UNET if tiny else VIDEOCRAFTER2_T2V_512_CONFIG
+    vae_cfg = TINY_VIDEOCRAFTER_VAE if tiny else VIDEOCRAFTER2_VAE_CONFIG
+    text_cfg = TINY_VIDEOCRAFTER_TEXT if tiny else VIDEOCRAFTER2_TEXT_CONFIG
+    unet = make(lambda: VideoCrafterUNet(**unet_cfg)).requires_grad_(False)
+    vae = make(lambda: AutoencoderKL(**diffusers_vae_config(vae_cfg)))
+    text_encoder = make(lambda: CLIPTextModel(clip_text_config(text_cfg)))
+    return VideoCrafter2Models(unet, vae, StubTokenizer(), text_encoder, videocrafter2_schedule())

@@ -37,15 +37,9 @@ def _video_builder(cfg: RunConfig, device: torch.device) -> Callable[[], Guidanc
 
 def _random_guidances(cfg: RunConfig, used: set[UpdateKind]) -> dict[UpdateKind, Guidance]:
     """The used priors with random weights (fourdfy/guidance/random_weights.py); the hub is never asked."""
-    from fourdfy.errors import ConfigError
     from fourdfy.guidance.random_weights import build_random_guidances
 
     g = cfg.guidance
-    if UpdateKind.VIDEO in used and VideoPrior(g.video_prior) is not VideoPrior.zeroscope:
-        raise ConfigError(
-            f"guidance.weights={g.weights} builds Zeroscope as the video prior only, but guidance.video_prior="
-            f"{g.video_prior}; set guidance.video_prior=zeroscope or guidance.weights=pretrained"
-        )
     guidances, _ = build_random_guidances(cfg, tiny=str(g.weights) == "random_tiny", kinds=used)
     return guidances
 
