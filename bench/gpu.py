@@ -89,11 +89,6 @@ PROMPT = "a panda dancing"  # any prompt: the cost does not depend on it (77 tok
 # 256² renders at step 5000 (render_size_milestones), the size of the other 95% of its steps.
 KIND_ITERATION = {UpdateKind.MULTIVIEW: 5_001, UpdateKind.IMAGE: 10_001, UpdateKind.VIDEO: 35_001}
 LOWMEM_VAE_GRAD_FRAMES = 4  # lowmem preset: video frames whose VAE encoding keeps its graph (bench's choice)
-# Points per hash-grid chunk of the torch backend on the GPU (bounds temporaries to ~0.5 GB). Not a config
-# key: HashGridEncoding's default (2^13) is sized for CPU caches, and on a GPU each chunk costs a fixed
-# number of kernel launches, so 2^13-point chunks would spend most of a 35 M-sample VID render launching
-# kernels (~4,300 chunks per pass, forward, recomputation and backward). Set on the built encodings.
-HASHGRID_CHUNK_CUDA = 1 << 18
 FIELD_CHECKPOINT_CHUNK_TINY = 1 << 10  # --tiny: small, so that its few thousand samples span several chunks
 # --tiny: 16³ cells × 17 times = 70 k field queries per build, not 3 M (seconds on one CPU core, not a minute).
 OCCUPANCY_RESOLUTION_TINY = 16
@@ -193,16 +188,6 @@ def _timed(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int)
         _sync(device)
         times.append(time.perf_counter() - start)
     return times
-
-
-def set_hashgrid_chunk(field: Any, chunk: int) -> None:
-    """Points per chunk of the field's torch-backend hash grids (see HASHGRID_CHUNK_CUDA; not a config key, so
-    set on the encodings build_field made)."""
-    from fourdfy.fields.hashgrid import HashGridEncoding
-
-    for encoding in (field.static_encoding, field.dynamic_encoding):
-        if isinstance(encoding, HashGridEncoding):
-            encoding.set_chunk_size(chunk)
 
 
 class _CountingRenderer:
@@ -547,8 +532,6 @@ def run_bench(preset: str, tiny: bool, iters: int, warmup: int, kinds: tuple[Upd
     cfg = compose_run_config(overrides)
     with tempfile.TemporaryDirectory(prefix="fourdfy-bench-") as run_dir:  # build_trainer writes nothing there
         trainer = build_trainer(cfg, Path(run_dir))  # the priors: guidance.weights=random(_tiny)
-    if device.type == "cuda":
-        set_hashgrid_chunk(trainer.field, HASHGRID_CHUNK_CUDA)
     renderer = _CountingRenderer(trainer.renderer)
     trainer.renderer = renderer  # type: ignore[assignment]
     n_params = {**network_params(trainer.guidances), "field": count_parameters(trainer.field)}

@@ -34,8 +34,8 @@ from fourdfy.fields.hashgrid import Backend, HashGridConfig, HashGridEncoding
 # ray = 12.6 M; VID (Zeroscope) 16 frames x 160 x 288 x 48 = 35 M.
 POINTS_3D = 4 * 256 * 256 * 48
 POINTS_4D = 16 * 160 * 288 * 48
-# Points per chunk: bench/gpu.py's HASHGRID_CHUNK_CUDA (bounds the torch backend's temporaries to ~0.5 GB);
-# the same chunks for every backend, so the comparison is per call.
+# Points per chunk: conf/preset/paper.yaml's field.*_grid.chunk_size (bounds the torch backend's temporaries
+# to ~0.5 GB); the same chunks for every backend, so the comparison is per call.
 CHUNK = 1 << 18
 BACKENDS = (Backend.torch, Backend.triton, Backend.tcnn)
 

@@ -31,8 +31,9 @@ from fourdfy.trainer import Callback, Trainer
 
 
 def _hash_grid(cfg: HashGridConfig, n_dims: int) -> HashGridEncoding:
+    chunk = {} if cfg.chunk_size is None else {"chunk_size": cfg.chunk_size}
     return HashGridEncoding(n_dims, cfg.n_levels, cfg.n_features_per_level, cfg.log2_hashmap_size,
-                            cfg.base_resolution, cfg.per_level_scale, backend=cfg.backend)
+                            cfg.base_resolution, cfg.per_level_scale, backend=cfg.backend, **chunk)
 
 
 def build_field(cfg: FieldConfig, blob_std: Scheduled | None = None) -> tuple[Field4D, BackgroundMLP]:

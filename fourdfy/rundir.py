@@ -53,7 +53,7 @@ LOCK_FILE = "LOCK"
 # out-of-memory error keeps the run. preset.name is a label (the preset's values are what count); it names the
 # directory's first level instead (fourdfy/identity.py).
 RESUME_SAFE_KEYS = ("logger", "eval", "trainer.progress_bar", "trainer.log_every", "device", "field.checkpoint_chunk",
-                    "preset")
+                    "field.static_grid.chunk_size", "field.dynamic_grid.chunk_size", "preset")
 # Keys added after runs already existed, with the value that reproduces the behaviour from before them: at that
 # value they leave the fingerprint, so a run started before the key existed still resumes after an upgrade.
 # A whole section is neutral at its defaults (guidance.videocrafter2: only read with video_prior=videocrafter2).

@@ -24,7 +24,6 @@ from bench.gpu import (
     markdown_table,
     occupancy_update_count,
     projected_hours,
-    set_hashgrid_chunk,
 )
 from bench.gpu import main as gpu_main
 from fourdfy.build import build_field
@@ -151,17 +150,19 @@ def test_gpu_bench_runs_the_paper_preset_with_only_its_overrides() -> None:
     assert lowmem.field == paper.field and lowmem.schedule == paper.schedule
 
 
-def test_set_hashgrid_chunk_changes_the_chunking_not_the_values() -> None:
-    field, _ = build_field(compose_run_config(["preset=paper", "field.static_grid.log2_hashmap_size=10",
-                                               "field.dynamic_grid.log2_hashmap_size=10"]).field)
+def test_hashgrid_chunk_size_key_changes_the_chunking_not_the_values() -> None:
+    small = ["field.static_grid.log2_hashmap_size=10", "field.dynamic_grid.log2_hashmap_size=10"]
+    paper = compose_run_config(["preset=paper", *small]).field
+    assert paper.static_grid.chunk_size == paper.dynamic_grid.chunk_size == 1 << 18  # the GPU preset's chunks
+    field, _ = build_field(paper)
+    chunked, _ = build_field(compose_run_config(["preset=paper", *small, "field.static_grid.chunk_size=64",
+                                                 "field.dynamic_grid.chunk_size=64"]).field)
+    chunked.load_state_dict(field.state_dict())
+    assert chunked.static_encoding._plan.chunk_size == chunked.dynamic_encoding._plan.chunk_size == 64
     x, t = torch.rand(500, 3) - 0.5, torch.rand(500)
     with torch.no_grad():
-        before = field(x, t)
-        set_hashgrid_chunk(field, 64)
-        after = field(x, t)
-    assert field.static_encoding._plan.chunk_size == field.dynamic_encoding._plan.chunk_size == 64
-    for a, b in zip(before, after, strict=True):
-        torch.testing.assert_close(a, b)
+        for a, b in zip(field(x, t), chunked(x, t), strict=True):
+            torch.testing.assert_close(a, b)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

@@ -70,6 +70,10 @@ class HashGridConfig:
     base_resolution: int = 16  # base_resolution: 16
     per_level_scale: float = 1.447269237440378  # per_level_scale: finest level 4096
     backend: Backend = Backend.torch  # torch (reference, default), tcnn or triton (fused kernels, CUDA only)
+    # Points the torch backend encodes together (bounds its temporaries); null: 2^13, sized for CPU caches. On a
+    # GPU each chunk costs a fixed number of kernel launches, so conf/preset/paper.yaml sets 2^18. Resume-safe:
+    # outputs are the same, gradients equal to round-off (the order of the table's index_add sums).
+    chunk_size: int | None = None
 
 
 @dataclass(frozen=True)
