@@ -52,7 +52,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ablations.table2 import REFERENCE_VARIANT, ROWS, row_of
+from ablations.table2 import EXTRA_ROWS, REFERENCE_VARIANT, ROWS, row_of
 from eval.paired import EXACT_MAX_PAIRS, MONTE_CARLO_DRAWS, mean_interval, min_pairs_for_significance, paired_test
 from fourdfy.atomic import atomic_path, write_json_atomic, write_text_atomic
 from fourdfy.checkpoint import list_checkpoints
@@ -443,7 +443,7 @@ def _configurations(records: list[RunRecord], studied: set[str]) -> list[tuple[s
     then `default` and the other tags sorted. A variant without runs gets a row with preset ""."""
     configs = {r.configuration for r in records if r.status != MISMATCHED}
     variants = {v for _, v, _ in configs}
-    table2 = [row.variant for row in ROWS if row.variant in variants | studied]
+    table2 = [row.variant for row in (*ROWS, *EXTRA_ROWS) if row.variant in variants | studied]
     others = sorted(variants - set(table2))
     out = [("", v, DEFAULT_TAG) for v in sorted(studied - set(table2) - variants)]
     for variant in table2 + others:

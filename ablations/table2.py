@@ -43,6 +43,10 @@ ROWS: tuple[Row, ...] = (
     Row("no_hybrid", "w/o hybrid SDS", "w/o hybrid SDS", 33.8),
     Row("hexplane", "w/ HexPlane", "w/ HexPlane", 34.5),
 )
+# Rows beyond the paper's table, placed after it: the authors' newer deformation field (issue #19), no paper CLIP.
+EXTRA_ROWS: tuple[Row, ...] = (
+    Row("deformation", "w/ deformation", "w/ deformation", float("nan")),
+)
 VARIANTS: tuple[str, ...] = tuple(r.variant for r in ROWS)
 # The method the user-study percentages are for ("percentages of users who voted for our method"), and the one
 # every other row is compared with, pair by pair (ablations/collect.py, eval/paired.py).
@@ -53,7 +57,7 @@ PROMPT_SET = "ablation5"
 
 def row_of(variant: str) -> Row | None:
     """The Table-2 row of ``variant``, or None for a variant that is not in the table."""
-    return next((r for r in ROWS if r.variant == variant), None)
+    return next((r for r in (*ROWS, *EXTRA_ROWS) if r.variant == variant), None)
 
 
 def sweep_overrides(prompt_set: str = PROMPT_SET, slurm: bool = False, extra: Sequence[str] = ()) -> list[str]:
