@@ -61,9 +61,12 @@ def _prior_schedules(cfg: RunConfig) -> dict[UpdateKind, _PriorSchedules]:
         }
     mv, sd = g.mvdream, g.sd_vsd
     sizes = mv.render_size_schedule()
-    video = g.zeroscope if VideoPrior(g.video_prior) is VideoPrior.zeroscope else g.videocrafter2
-    video_t = video.t_schedules() if hasattr(video, "t_schedules") else (
-        StageSchedule.constant(video.min_step_percent), StageSchedule.constant(video.max_step_percent))
+    if VideoPrior(g.video_prior) is VideoPrior.zeroscope:  # a fixed t range (ZeroscopeGuidance.Config)
+        video = g.zeroscope
+        video_t = (StageSchedule.constant(video.min_step_percent), StageSchedule.constant(video.max_step_percent))
+    else:  # VideoCrafter2: ramps on the stage-local step
+        video = g.videocrafter2
+        video_t = video.t_schedules()
     return {
         UpdateKind.MULTIVIEW: _PriorSchedules(sizes, sizes, mv.batch_size_schedule(), *mv.t_schedules(),
                                               StageSchedule.constant(mv.loss_weight)),

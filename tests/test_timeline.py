@@ -114,3 +114,10 @@ def test_no_image_guidance_timeline_is_stage_3_alone():
     assert [(r["stage"], r["stage_step"]) for r in rows] == [(3, 0), (3, 10001), (3, 99999)]
     assert rows[0]["values"]["p.vid"] == 1.0 and rows[0]["values"]["lr.static"] == 0.0001
     assert rows[1]["values"]["loss.opacity_entropy"] == 1000.0
+
+
+def test_videocrafter2_t_range_anneals_on_stage_3s_own_clock():
+    # configs/fourdfy_stage_3_vc.yaml guidance_video.max_step_percent [0, 0.98, 0.5, 5000]; height_vid 80, width 128.
+    rows = Timeline(compose_run_config(["preset=paper_vc"])).rows([35000, 36000, 40000])
+    assert [r["values"]["vid.t_max"] for r in rows] == pytest.approx([0.98, 0.98 + 0.2 * (0.5 - 0.98), 0.5])
+    assert (rows[0]["values"]["vid.render_size"], rows[0]["values"]["vid.render_width"]) == (80, 128)
