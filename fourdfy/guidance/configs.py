@@ -266,13 +266,7 @@ class ZeroscopeConfig:
 
     def validate(self, key: str = "guidance.zeroscope") -> None:
         """Raise ValueError naming `<key>.<field>` and the fix for values no Zeroscope prior can use."""
-        if self.n_frames < 1:
-            raise ValueError(f"{key}.n_frames must be >= 1 (frames per video; the authors use 16), got {self.n_frames}")
-        if self.vae_grad_frames is not None and not 1 <= self.vae_grad_frames <= self.n_frames:
-            raise ValueError(
-                f"{key}.vae_grad_frames must be null (every frame) or in [1, n_frames={self.n_frames}], "
-                f"got {self.vae_grad_frames}"
-            )
+        _check_frames(key, self.n_frames, self.vae_grad_frames)
         _check_step_percents(key, self.min_step_percent, self.max_step_percent)
 
 
@@ -340,13 +334,7 @@ class VideoCrafter2Config:
 
     def validate(self, key: str = "guidance.videocrafter2") -> None:
         """Raise ValueError naming `<key>.<field>` and the fix for values no VideoCrafter2 prior can use."""
-        if self.n_frames < 1:
-            raise ValueError(f"{key}.n_frames must be >= 1 (frames per video; the authors use 16), got {self.n_frames}")
-        if self.vae_grad_frames is not None and not 1 <= self.vae_grad_frames <= self.n_frames:
-            raise ValueError(
-                f"{key}.vae_grad_frames must be null (every frame) or in [1, n_frames={self.n_frames}], "
-                f"got {self.vae_grad_frames}"
-            )
+        _check_frames(key, self.n_frames, self.vae_grad_frames)
         for name in ("render_height", "render_width"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{key}.{name} must be >= 1, got {getattr(self, name)}")
@@ -368,6 +356,16 @@ class VideoCrafter2Config:
     def t_schedules(self, key: str = "guidance.videocrafter2") -> tuple[StageSchedule, StageSchedule]:
         return (StageSchedule.parse(self.min_step_percent, f"{key}.min_step_percent"),
                 StageSchedule.parse(self.max_step_percent, f"{key}.max_step_percent"))
+
+
+def _check_frames(key: str, n_frames: int, vae_grad_frames: int | None) -> None:
+    """A video prior's frames: n_frames >= 1, vae_grad_frames null or in [1, n_frames]."""
+    if n_frames < 1:
+        raise ValueError(f"{key}.n_frames must be >= 1 (frames per video; the authors use 16), got {n_frames}")
+    if vae_grad_frames is not None and not 1 <= vae_grad_frames <= n_frames:
+        raise ValueError(
+            f"{key}.vae_grad_frames must be null (every frame) or in [1, n_frames={n_frames}], got {vae_grad_frames}"
+        )
 
 
 def _check_step_percents(key: str, low: float, high: float) -> None:
