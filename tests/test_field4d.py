@@ -108,3 +108,24 @@ def test_hexplane_matches_the_hash_grids_parameter_count_within_5_percent():
     assert hex_count == sum(24 * r * r + 24 * r * 64 for r in (112, 224, 448, 896)) == 28_170_240
     assert hash_count == 28_074_608
     assert abs(hex_count / hash_count - 1) < 0.05
+
+
+def test_the_equal_memory_demo_hexplane_matches_the_demo_dense_grids_within_5_percent():
+    # Issue #20: the toy Table 2's equal-memory HexPlane row (README: variant=hexplane with
+    # field.hexplane.resolutions=[37,74,148]) has the parameters of the dense grids the demo's full model uses.
+    from fourdfy.build import build_field
+    from fourdfy.config import compose_run_config
+
+    def n_grid_params(overrides: list[str]) -> int:
+        field, _ = build_field(compose_run_config(["preset=demo_cpu", *overrides]).field)
+        return sum(p.numel() for m in (field.static_encoding, field.dynamic_encoding) for p in m.parameters())
+
+    dense_count = n_grid_params([])
+    hex_count = n_grid_params(["variant=hexplane", "field.hexplane.resolutions=[37,74,148]"])
+    # Independently: dense 4 features × (12³ + 24³ + 48³) static, 4 × 16 times × (4³ + 8³ + 16³) dynamic;
+    # planes 3·8·r² static and 3·8·16·r dynamic per scale r.
+    assert dense_count == 4 * (12**3 + 24**3 + 48**3) + 4 * 16 * (4**3 + 8**3 + 16**3) == 803_584
+    assert hex_count == sum(24 * r * r + 24 * 16 * r for r in (37, 74, 148)) == 789_432
+    assert abs(hex_count / dense_count - 1) < 0.05
+    # The preset's own HexPlane ([16, 32]) has 6% of that: the first toy Table 2 compared unequal memories.
+    assert n_grid_params(["variant=hexplane"]) == sum(24 * r * r + 24 * 16 * r for r in (16, 32)) == 49_152
