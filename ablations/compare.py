@@ -107,6 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = pd.read_csv(args.runs_csv, keep_default_na=False, na_values=[""])
         a, b = Configuration.parse(args.a), Configuration.parse(args.b)
         metrics = args.metric or [m for m in DEFAULT_METRICS if m in runs.columns]
+        if not metrics:
+            raise ValueError(f"{args.runs_csv} has none of {', '.join(DEFAULT_METRICS)}: name one with --metric")
         for metric in metrics:
             print(json.dumps(compare(runs, a, b, metric, args.seeds)))
     except (ValueError, OSError) as err:
