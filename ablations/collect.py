@@ -1,6 +1,7 @@
 """Turn runs into a table: one row per configuration, metrics over seeds, run status, user-study preferences.
 
     python -m ablations.collect OUTPUT_DIR [--out DIR] [--recompute] [--userstudy ANSWERS.csv] [--clip]
+    python -m ablations.collect [OUTPUT_DIR] --runs-csv EARLIER/runs.csv [--runs-csv ...] --out DIR
 
 OUTPUT_DIR is the runs' root (``outputs/``, where run.py puts single runs and sweeps alike), any folder below it,
 or any folder of run directories. Steps:
@@ -17,6 +18,9 @@ or any folder of run directories. Steps:
 4. Metrics of finished runs, cached in the run's ``metrics.json`` under ``"eval"`` (written atomically;
    recomputed only with ``--recompute``): toy-world runs get ground-truth metrics (eval.gt_metrics, with
    the run's own eval settings); real runs get the CLIP score (eval.clip_score, paper §4.1).
+   With ``--runs-csv``, the runs an earlier collection listed in its runs.csv join them (configuration,
+   status and metrics as that collection found them), for sweeps whose directories were purged or live
+   elsewhere; a run found on disk wins over a line with the same (preset, variant, tag, prompt, seed).
 5. One row per configuration (preset, variant, tag): the swept settings as columns (every key that some row
    sets away from its preset + variant), each metric's mean, standard deviation, 95% confidence interval
    (Student t, eval.paired.mean_interval) over the row's finished runs (all prompts and seeds: "pooled") and
@@ -130,6 +134,7 @@ class CollectOptions:
     clip_device: str = "cpu"
     userstudy: Path | None = None  # answers CSV; None: OUTPUT_DIR/userstudy/answers.csv when it exists
     method: str = REFERENCE_VARIANT  # the method whose preference shares are reported and every row is paired with
+    runs_csv: tuple[Path, ...] = ()  # earlier collections' runs.csv: runs whose directories are gone (disk wins)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -859,6 +864,60 @@ def runs_frame(records: list[RunRecord]) -> pd.DataFrame:
                           **{k: r.metrics.get(k, float("nan")) for k in keys}} for r in records])
 
 
+RUNS_CSV_COLUMNS = ("preset", "variant", "tag", "prompt", "seed", "status", "reason", "path")  # runs_frame's own
+
+
+def records_from_runs_csv(path: Path) -> list[RunRecord]:
+    """The runs an earlier collection listed in its ``runs.csv`` (runs_frame's format), as records: for runs whose
+    directories are gone (a purged scratch disk, another machine). Each keeps the configuration, status and
+    metrics that collection found; its settings are the swept columns it wrote, and a setting counts as swept
+    where the run's tag names it. Mismatched lines (never merged) are skipped. Raises ValueError naming a
+    missing column or a bad status."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--runs-csv {path} does not exist (a runs.csv written by python -m ablations.collect)")
+    # Only an empty cell is missing: a prompt or setting that reads "NA" or "null" stays text.
+    text = ("preset", "variant", "tag", "prompt", "status", "reason", "path")
+    frame = pd.read_csv(path, dtype=dict.fromkeys(text, str), keep_default_na=False, na_values=[""])
+    missing = [c for c in RUNS_CSV_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"--runs-csv {path} has no column {missing[0]!r}: pass a runs.csv that python -m "
+                         f"ablations.collect wrote (columns {', '.join(RUNS_CSV_COLUMNS)}, swept settings, metrics)")
+    frame[list(text)] = frame[list(text)].fillna("")
+    metric_keys = [m.key for m in METRICS if m.key in frame.columns]
+    setting_keys = [c for c in frame.columns if c not in RUNS_CSV_COLUMNS and c not in metric_keys]
+    records = []
+    for line, row in enumerate(frame.to_dict("records"), start=2):
+        if row["status"] == MISMATCHED:
+            continue
+        if row["status"] not in STATUSES:
+            raise ValueError(f"--runs-csv {path} line {line}: status {row['status']!r} is not one of "
+                             f"{', '.join(STATUSES)}")
+        settings = {key: row[key] for key in setting_keys}
+        names = set(row["tag"].split(",")) if row["tag"] != DEFAULT_TAG else set()
+        records.append(RunRecord(
+            row["variant"], row["prompt"], int(row["seed"]), row["status"], Path(row["path"]) if row["path"] else None,
+            row["reason"], preset=row["preset"], tag=row["tag"], settings=settings,
+            swept={key: value for key, value in settings.items() if any(n.startswith(f"{key}=") for n in names)},
+            metrics={key: float(row[key]) for key in metric_keys if not math.isnan(float(row[key]))}))
+    return records
+
+
+def merge_runs(records: list[RunRecord], earlier: list[RunRecord]) -> list[RunRecord]:
+    """``records`` plus the ``earlier`` runs (records_from_runs_csv) that none of them, nor an earlier line, is:
+    a run is its (preset, variant, tag, prompt, seed); a run found on disk wins over a line of a runs.csv."""
+    def key(r: RunRecord) -> tuple[str, str, str, str, int]:
+        return r.preset, r.variant, r.tag, r.prompt, r.seed
+
+    seen = {key(r) for r in records if r.status != MISMATCHED}
+    merged = list(records)
+    for record in earlier:
+        if key(record) not in seen:
+            seen.add(key(record))
+            merged.append(record)
+    return merged
+
+
 @dataclass
 class CollectResult:
     """What collect produced."""
@@ -870,19 +929,26 @@ class CollectResult:
     files: dict[str, Path]  # "csv", "by_prompt", "paired", "md", "tex", "png", "runs" -> written file
 
 
-def collect(root: Path, options: CollectOptions | None = None) -> CollectResult:
-    """Scan ``root``, compute (or reuse) metrics, merge the user study and write the table files."""
+def collect(root: Path | None, options: CollectOptions | None = None) -> CollectResult:
+    """Scan ``root``, compute (or reuse) metrics, merge the runs of ``options.runs_csv`` and the user study, and
+    write the table files. ``root`` None: the runs.csv files alone (``options.out_dir`` is then required)."""
     options = options or CollectOptions()
-    root = Path(root)
+    if root is None and (not options.runs_csv or options.out_dir is None):
+        raise ValueError("without OUTPUT_DIR, pass --runs-csv (an earlier runs.csv) and --out (where to write)")
+    root = Path(root) if root is not None else None
     if options.userstudy is not None and not Path(options.userstudy).is_file():
         raise FileNotFoundError(f"user-study answers {options.userstudy} do not exist")
-    records = find_runs(root)
+    earlier = [record for csv in options.runs_csv for record in records_from_runs_csv(csv)]
+    records = find_runs(root) if root is not None else []
     clip = _ClipScorers(options.clip_pretrained, options.clip_device)
     for record in records:
         if record.status == FINISHED:
             ensure_metrics(record, options, clip)
+    records = merge_runs(records, earlier)
+    if not records:
+        raise ValueError(f"no runs in {', '.join(str(c) for c in options.runs_csv)}")
     answers = options.userstudy
-    if answers is None and (root / USERSTUDY_DEFAULT).is_file():
+    if answers is None and root is not None and (root / USERSTUDY_DEFAULT).is_file():
         answers = root / USERSTUDY_DEFAULT
     shares = userstudy_shares(Path(answers), options.method) if answers is not None else None
     table = build_table(records, shares, options.method)
@@ -905,7 +971,11 @@ def collect(root: Path, options: CollectOptions | None = None) -> CollectResult:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ablations.collect", description=__doc__.splitlines()[0])
-    parser.add_argument("output_dir", type=Path, help="Hydra multirun directory (or a folder of runs)")
+    parser.add_argument("output_dir", type=Path, nargs="?", default=None,
+                        help="Hydra multirun directory (or a folder of runs); optional with --runs-csv and --out")
+    parser.add_argument("--runs-csv", type=Path, action="append", default=[],
+                        help="an earlier collection's runs.csv whose runs to merge (their directories may be gone); "
+                             "repeatable; a run found in OUTPUT_DIR wins")
     parser.add_argument("--out", type=Path, default=None, help="where to write the tables (default OUTPUT_DIR)")
     parser.add_argument("--recompute", action="store_true", help="recompute metrics cached in metrics.json")
     clip_group = parser.add_mutually_exclusive_group()
@@ -922,7 +992,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     options = CollectOptions(out_dir=args.out, recompute=args.recompute, clip=args.clip,
                              clip_pretrained=args.clip_pretrained, clip_device=args.clip_device,
-                             userstudy=args.userstudy, method=args.method)
+                             userstudy=args.userstudy, method=args.method, runs_csv=tuple(args.runs_csv))
     try:
         result = collect(args.output_dir, options)
     except (ValueError, FileNotFoundError) as err:

@@ -62,7 +62,8 @@ def runs_of(runs: pd.DataFrame, config: Configuration) -> pd.DataFrame:
     elif chosen["preset"].nunique() > 1:
         raise ValueError(f"{config} has runs of presets {sorted(chosen['preset'].unique())}: write preset/{config}")
     if chosen.empty:
-        known = sorted({str(Configuration(None, v, str(t))) for v, t in zip(finished["variant"], finished["tag"])})
+        pairs = zip(finished["variant"], finished["tag"], strict=True)
+        known = sorted({str(Configuration(None, v, str(t))) for v, t in pairs})
         raise ValueError(f"no finished runs of {config}; the file has: {', '.join(known)}")
     return chosen
 

@@ -301,6 +301,52 @@ def test_one_row_per_configuration_with_the_swept_keys_and_mean_sd_over_seeds(tm
     assert "99.00" not in md and "98.00" not in md and "97.00" not in md
 
 
+def test_an_earlier_runs_csv_stands_in_for_purged_run_directories(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    first = tmp_path / "first"
+    _scored_run(first, ["schedule.p_3d=0.3", "seed=0"], 20.0)
+    _scored_run(first, ["schedule.p_3d=0.3", "seed=1"], 22.0)
+    _scored_run(first, ["seed=0"], 26.0)
+    before = collect.collect(first, collect.CollectOptions(out_dir=tmp_path / "before"))
+    shutil.rmtree(first)  # the scratch disk was purged: only the collected files are left
+
+    # runs.csv alone rebuilds every table file byte for byte (configuration columns, intervals, Markdown).
+    alone = collect.collect(None, collect.CollectOptions(out_dir=tmp_path / "alone",
+                                                         runs_csv=(before.files["runs"],)))
+    for name in ("csv", "by_prompt", "paired", "md", "tex", "runs"):
+        assert alone.files[name].read_bytes() == before.files[name].read_bytes(), name
+
+    # New runs on disk join the earlier ones; a rerun on disk wins over its runs.csv line.
+    second = tmp_path / "second"
+    _scored_run(second, ["schedule.p_3d=0.3", "seed=1"], 24.0)
+    _scored_run(second, ["schedule.p_3d=0.3", "seed=2"], 30.0)
+    merged = collect.collect(second, collect.CollectOptions(runs_csv=(before.files["runs"],)))
+    row = merged.table.set_index("tag").loc["schedule.p_3d=0.3"]
+    assert (row["finished"], row["psnr_n"], row["schedule.p_3d"]) == (3, 3, 0.3)
+    assert row["psnr"] == pytest.approx((20.0 + 24.0 + 30.0) / 3)
+    assert merged.table.set_index("tag").loc["default", "psnr"] == 26.0
+    assert sorted(str(r.path).startswith(str(second)) for r in merged.records) == [False, False, True, True]
+
+    # Bad input names the file, the column or the missing option.
+    broken = tmp_path / "broken.csv"
+    broken.write_text(before.files["runs"].read_text().replace("status,", "state,", 1))
+    with pytest.raises(ValueError, match=f"--runs-csv {broken} has no column 'status'"):
+        collect.records_from_runs_csv(broken)
+    assert collect.main(["--runs-csv", str(before.files["runs"])]) == 2
+    assert "pass --runs-csv (an earlier runs.csv) and --out" in capsys.readouterr().err
+    assert collect.main(["--runs-csv", str(tmp_path / "none.csv"), "--out", str(tmp_path / "x")]) == 2
+    assert f"--runs-csv {tmp_path / 'none.csv'} does not exist" in capsys.readouterr().err
+
+
+def test_the_committed_toy_table_2_is_rebuilt_exactly_from_its_runs_csv(tmp_path: Path) -> None:
+    # Real data with two swept settings (one list-valued) and tagged rows: the tables collect wrote from the run
+    # directories on 2026-12-05 come back from runs.csv alone.
+    results = REPO / "ablations" / "results" / "toy_2026-12-05"
+    again = collect.collect(None, collect.CollectOptions(out_dir=tmp_path, runs_csv=(results / "runs.csv",)))
+    for name, file in (("csv", "table2.csv"), ("paired", "table2_paired.csv"), ("md", "table2.md")):
+        assert again.files[name].read_text() == (results / file).read_text(), file
+
+
 @pytest.mark.slow  # builds a ViT-B/32 (random weights): ~10-20 s on 2 busy cores
 def test_clip_scores_join_the_table_when_asked(sweep: Path) -> None:
     # Random CLIP weights (pretrained=None): no download; the number is meaningless, the wiring is not.
