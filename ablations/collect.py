@@ -895,12 +895,45 @@ def records_from_runs_csv(path: Path) -> list[RunRecord]:
                              f"{', '.join(STATUSES)}")
         settings = {key: row[key] for key in setting_keys}
         names = set(row["tag"].split(",")) if row["tag"] != DEFAULT_TAG else set()
-        records.append(RunRecord(
+        record = RunRecord(
             row["variant"], row["prompt"], int(row["seed"]), row["status"], Path(row["path"]) if row["path"] else None,
             row["reason"], preset=row["preset"], tag=row["tag"], settings=settings,
             swept={key: value for key, value in settings.items() if any(n.startswith(f"{key}=") for n in names)},
-            metrics={key: float(row[key]) for key in metric_keys if not math.isnan(float(row[key]))}))
+            metrics={key: float(row[key]) for key in metric_keys if not math.isnan(float(row[key]))})
+        stale = _stale_tag(record)
+        if stale:
+            record.status, record.reason = MISMATCHED, f"{path} line {line}: {stale}"
+        records.append(record)
     return records
+
+
+def _same_setting(written: Any, value: Any) -> bool:
+    """Whether a runs.csv cell (as pandas read it) holds the config value ``value``."""
+    if written is None or (isinstance(written, float) and math.isnan(written)):
+        return value is None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and isinstance(written, (int, float)):
+        return float(written) == float(value)
+    return str(written) == str(_cell(value))
+
+
+def _stale_tag(record: RunRecord) -> str:
+    """Why a runs.csv line's tag no longer names its configuration under today's preset and variant (a default
+    changed since: a setting its tag leaves out is not today's default, or one it names is), or "" when it does.
+    Only the settings that collection wrote as columns can be checked."""
+    try:
+        today = flat_config(base_config(record.preset, record.variant))
+    except (ValueError, HydraException, OmegaConfBaseException) as err:
+        return f"preset {record.preset!r} / variant {record.variant!r} no longer composes ({err})"
+    for key, written in record.settings.items():
+        if key not in today:
+            return f"{key} is no setting of today's config"
+        named, default = key in record.swept, _same_setting(written, today[key])
+        if named == default:
+            what = "names" if named else "leaves out"
+            return (f"its tag {record.tag!r} {what} {key}={written}, but today's default of {record.preset}/"
+                    f"{record.variant} is {_cell(today[key])}: the defaults changed since that collection, so the "
+                    "line is not merged (collect its run directory again, or pass the matching code's runs.csv)")
+    return ""
 
 
 def merge_runs(records: list[RunRecord], earlier: list[RunRecord]) -> list[RunRecord]:
@@ -913,7 +946,8 @@ def merge_runs(records: list[RunRecord], earlier: list[RunRecord]) -> list[RunRe
     merged = list(records)
     for record in earlier:
         if key(record) not in seen:
-            seen.add(key(record))
+            if record.status != MISMATCHED:  # reported, never merged: it stands in for no run
+                seen.add(key(record))
             merged.append(record)
     return merged
 

@@ -327,6 +327,23 @@ def test_an_earlier_runs_csv_stands_in_for_purged_run_directories(tmp_path: Path
     assert merged.table.set_index("tag").loc["default", "psnr"] == 26.0
     assert sorted(str(r.path).startswith(str(second)) for r in merged.records) == [False, False, True, True]
 
+    # A line whose tag no longer names its configuration (a default changed since) is reported, never merged.
+    lines = before.files["runs"].read_text().splitlines()
+    header = lines[0].split(",")
+    default_line = next(i for i, text in enumerate(lines) if ",default," in text)
+    cells = lines[default_line].split(",")
+    cells[header.index("schedule.p_3d")] = "0.9"  # as if the preset's p_3d had been 0.9 when it ran
+    lines[default_line] = ",".join(cells)
+    changed = tmp_path / "changed.csv"
+    changed.write_text("\n".join(lines) + "\n")
+    stale = collect.collect(None, collect.CollectOptions(out_dir=tmp_path / "stale", runs_csv=(changed,)))
+    status = {(r.tag, r.seed): (r.status, r.reason) for r in stale.records}
+    assert status[("default", 0)][0] == collect.MISMATCHED
+    assert f"line {default_line + 1}: its tag 'default' leaves out schedule.p_3d=0.9, but today's default" \
+        in status[("default", 0)][1]
+    assert status[("schedule.p_3d=0.3", 1)] == (collect.FINISHED, "")
+    assert list(stale.table["tag"]) == ["schedule.p_3d=0.3"]
+
     # Bad input names the file, the column or the missing option.
     broken = tmp_path / "broken.csv"
     broken.write_text(before.files["runs"].read_text().replace("status,", "state,", 1))
