@@ -887,6 +887,7 @@ def records_from_runs_csv(path: Path) -> list[RunRecord]:
     metric_keys = [m.key for m in METRICS if m.key in frame.columns]
     setting_keys = [c for c in frame.columns if c not in RUNS_CSV_COLUMNS and c not in metric_keys]
     records = []
+    defaults: dict[tuple[str, str], dict[str, Any] | str] = {}  # (preset, variant) -> today's settings, or why none
     for line, row in enumerate(frame.to_dict("records"), start=2):
         if row["status"] == MISMATCHED:
             continue
@@ -900,7 +901,9 @@ def records_from_runs_csv(path: Path) -> list[RunRecord]:
             row["reason"], preset=row["preset"], tag=row["tag"], settings=settings,
             swept={key: value for key, value in settings.items() if any(n.startswith(f"{key}=") for n in names)},
             metrics={key: float(row[key]) for key in metric_keys if not math.isnan(float(row[key]))})
-        stale = _stale_tag(record)
+        if (record.preset, record.variant) not in defaults:
+            defaults[record.preset, record.variant] = _today(record.preset, record.variant)
+        stale = _stale_tag(record, defaults[record.preset, record.variant])
         if stale:
             record.status, record.reason = MISMATCHED, f"{path} line {line}: {stale}"
         records.append(record)
@@ -916,14 +919,20 @@ def _same_setting(written: Any, value: Any) -> bool:
     return str(written) == str(_cell(value))
 
 
-def _stale_tag(record: RunRecord) -> str:
-    """Why a runs.csv line's tag no longer names its configuration under today's preset and variant (a default
-    changed since: a setting its tag leaves out is not today's default, or one it names is), or "" when it does.
-    Only the settings that collection wrote as columns can be checked."""
+def _today(preset: str, variant: str) -> dict[str, Any] | str:
+    """Every setting of ``preset`` + ``variant`` as the config tree has them now (flat_config), or why none."""
     try:
-        today = flat_config(base_config(record.preset, record.variant))
+        return flat_config(base_config(preset, variant))
     except (ValueError, HydraException, OmegaConfBaseException) as err:
-        return f"preset {record.preset!r} / variant {record.variant!r} no longer composes ({err})"
+        return f"preset {preset!r} / variant {variant!r} no longer composes ({err})"
+
+
+def _stale_tag(record: RunRecord, today: dict[str, Any] | str) -> str:
+    """Why a runs.csv line's tag no longer names its configuration under ``today``'s settings of its preset and
+    variant (_today; a default changed since: a setting its tag leaves out is not today's default, or one it names
+    is), or "" when it does. Only the settings that collection wrote as columns can be checked."""
+    if isinstance(today, str):
+        return today
     for key, written in record.settings.items():
         if key not in today:
             return f"{key} is no setting of today's config"
@@ -939,8 +948,8 @@ def _stale_tag(record: RunRecord) -> str:
 def merge_runs(records: list[RunRecord], earlier: list[RunRecord]) -> list[RunRecord]:
     """``records`` plus the ``earlier`` runs (records_from_runs_csv) that none of them, nor an earlier line, is:
     a run is its (preset, variant, tag, prompt, seed); a run found on disk wins over a line of a runs.csv."""
-    def key(r: RunRecord) -> tuple[str, str, str, str, int]:
-        return r.preset, r.variant, r.tag, r.prompt, r.seed
+    def key(r: RunRecord) -> tuple[Any, ...]:
+        return (*r.configuration, r.prompt, r.seed)
 
     seen = {key(r) for r in records if r.status != MISMATCHED}
     merged = list(records)
